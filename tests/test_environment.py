@@ -1,0 +1,46 @@
+"""The pin file and environment.yml agree; notebooks are committed clean."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONDA_NAMES = {"pytorch": "torch"}  # conda-forge name -> PyPI name
+
+
+def pip_pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = re.fullmatch(r"([A-Za-z0-9_.\-]+)==([^\s;]+)", line).groups()
+            pins[name.lower()] = version
+    return pins
+
+
+def conda_pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "environment.yml").read_text().splitlines():
+        match = re.fullmatch(r"\s*-\s+([A-Za-z0-9_.\-]+)\s*(==?)\s*([^\s#]+)\s*(#.*)?", line)
+        if match and match.group(1) != "python":
+            name = CONDA_NAMES.get(match.group(1).lower(), match.group(1).lower())
+            pins[name] = match.group(3)
+    return pins
+
+
+def test_environment_yml_matches_requirements():
+    assert pip_pins() == conda_pins(), "requirements.txt and environment.yml list different packages or versions"
+
+
+def test_torch_is_pinned_exactly():
+    assert pip_pins()["torch"] == "2.13.0", "a bare or ranged torch pulls a multi-GB CUDA build"
+
+
+def test_notebooks_are_committed_without_outputs():
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert notebooks, "no notebooks found"
+    for path in notebooks:
+        cells = json.loads(path.read_text())["cells"]
+        dirty = [i for i, c in enumerate(cells) if c["cell_type"] == "code" and (c["outputs"] or c["execution_count"])]
+        assert not dirty, f"{path.name}: cells {dirty} carry outputs; clear them before committing"
