@@ -1,0 +1,169 @@
+"""Evaluate stage: predictions, confusion matrix, precision/recall/F1, plots, a baseline, ``classify``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import SpamDataset
+from .model import last_token_logits
+from .train import Batches
+
+LABEL_NAMES = ("ham", "spam")  # index = class id
+
+
+# --- Predictions and metrics ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: Batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(predicted class, true label, spam probability)`` for every example, in order (no shuffling)."""
+    model.eval()
+    device = next(model.parameters()).device
+    preds, labels, probs = [], [], []
+    for inputs, lengths, batch_labels in batches:
+        logits = batches.forward(model, inputs.to(device), lengths.to(device))
+        preds.append(logits.argmax(-1).cpu())
+        probs.append(torch.softmax(logits, -1)[:, 1].cpu())
+        labels.append(batch_labels)
+    return torch.cat(preds), torch.cat(labels), torch.cat(probs)
+
+
+def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int = 2) -> torch.Tensor:
+    """Counts ``[true class, predicted class]``."""
+    matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    for truth, pred in zip(labels.tolist(), preds.tolist()):
+        matrix[truth, pred] += 1
+    return matrix
+
+
+def precision_recall_f1(matrix: torch.Tensor, positive: int = 1) -> dict[str, float]:
+    """Precision, recall and F1 of the ``positive`` class (spam), plus accuracy."""
+    tp = int(matrix[positive, positive])
+    fp = int(matrix[:, positive].sum()) - tp
+    fn = int(matrix[positive, :].sum()) - tp
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    accuracy = int(matrix.diag().sum()) / int(matrix.sum()) if int(matrix.sum()) else 0.0
+    return {"accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1}
+
+
+def misclassified(df: pd.DataFrame, preds: torch.Tensor, probs: torch.Tensor) -> pd.DataFrame:
+    """The rows of ``df`` the model got wrong, with its prediction and spam probability."""
+    table = df.assign(predicted=[LABEL_NAMES[p] for p in preds.tolist()], spam_probability=probs.numpy().round(3),
+                      actual=[LABEL_NAMES[int(label)] for label in df["Label"]])
+    return table.loc[table["predicted"] != table["actual"], ["Text", "actual", "predicted", "spam_probability"]]
+
+
+# --- Plots ---------------------------------------------------------------------------------------------
+
+def plot_values(epochs_seen: torch.Tensor, examples_seen: torch.Tensor, train_values: list[float],
+                val_values: list[float], label: str = "loss", path: Path | None = None) -> plt.Figure:
+    """Training vs validation ``label`` against epochs, with an "examples seen" axis on top."""
+    fig, ax1 = plt.subplots(figsize=(5, 3))
+    ax1.plot(epochs_seen, train_values, label=f"training {label}")
+    ax1.plot(epochs_seen, val_values, linestyle="-.", label=f"validation {label}")
+    ax1.set_xlabel("epochs")
+    ax1.set_ylabel(label.capitalize())
+    ax1.legend()
+    ax2 = ax1.twiny()  # same curve against examples seen, drawn invisibly to align the top axis
+    ax2.plot(examples_seen, train_values, alpha=0)
+    ax2.set_xlabel("examples seen")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig
+
+
+def plot_history(history, prefix: str, folder: Path) -> tuple[plt.Figure, plt.Figure]:
+    """Loss and accuracy curves of a ``train.History``, saved as ``{prefix}-loss.png`` / ``-accuracy.png``."""
+    n_losses = len(history.train_losses)
+    epochs_loss = torch.linspace(0, history.epochs, n_losses + 1)[1:] if n_losses else torch.tensor([])
+    loss_fig = plot_values(epochs_loss, torch.tensor(history.eval_examples_seen, dtype=torch.float),
+                           history.train_losses, history.val_losses, "loss", folder / f"{prefix}-loss.png")
+    n_accs = len(history.train_accs)
+    epochs_acc = torch.linspace(0, history.epochs, n_accs + 1)[1:]
+    examples_acc = torch.linspace(0, history.examples_seen, n_accs + 1)[1:]
+    acc_fig = plot_values(epochs_acc, examples_acc, history.train_accs, history.val_accs, "accuracy",
+                          folder / f"{prefix}-accuracy.png")
+    return loss_fig, acc_fig
+
+
+# --- A baseline to beat ----------------------------------------------------------------------------------
+
+class BagOfTokens(nn.Module):
+    """Logistic regression on token frequencies: one learned weight pair per token seen in training."""
+
+    def __init__(self, vocabulary: list[int], num_classes: int = 2) -> None:
+        super().__init__()
+        self.column = {token: i for i, token in enumerate(vocabulary)}
+        self.linear = nn.Linear(len(vocabulary), num_classes)
+        nn.init.zeros_(self.linear.weight)
+
+    def features(self, token_lists: list[list[int]]) -> torch.Tensor:
+        """Each text as the fraction of its tokens that are each known token (unseen tokens are ignored)."""
+        x = torch.zeros(len(token_lists), len(self.column))
+        for row, ids in enumerate(token_lists):
+            for token in ids:
+                if token in self.column:
+                    x[row, self.column[token]] += 1.0 / len(ids)
+        return x
+
+    def forward(self, token_lists: list[list[int]]) -> torch.Tensor:
+        return self.linear(self.features(token_lists))
+
+
+def train_bag_of_tokens(train: SpamDataset, epochs: int = 300, lr: float = 0.5, weight_decay: float = 1e-4,
+                        seed: int = 123) -> BagOfTokens:
+    """Fit the baseline on the training split (full-batch Adam)."""
+    torch.manual_seed(seed)
+    model = BagOfTokens(sorted({token for ids in train.encoded for token in ids}))
+    x, labels = model.features(train.encoded), torch.tensor(train.labels)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        F.cross_entropy(model.linear(x), labels).backward()
+        optimizer.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def bag_of_tokens_accuracy(model: BagOfTokens, dataset: SpamDataset) -> float:
+    """Accuracy of the baseline on a split."""
+    preds = model(dataset.encoded).argmax(-1)
+    return float((preds == torch.tensor(dataset.labels)).float().mean())
+
+
+# --- Use the classifier ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    spam_probability: float
+    tokens_used: int
+    truncated: bool
+
+
+@torch.no_grad()
+def classify(model: nn.Module, text: str, max_length: int | None = None) -> Prediction:
+    """Label one text (``ham``/``spam``) with the spam probability, read at its last real token.
+
+    Texts longer than ``max_length`` (default: the model's context length) keep their first tokens.
+    An empty text is read as a single end-of-text token.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"classify expects a string, got {type(text).__name__}")
+    limit = min(max_length or model.cfg.context_length, model.cfg.context_length)
+    ids = model.tokenizer.encode(text) or [model.tokenizer.pad_id]
+    truncated = len(ids) > limit
+    ids = ids[:limit]
+    device = next(model.parameters()).device
+    model.eval()
+    logits = last_token_logits(model, torch.tensor([ids], device=device), torch.tensor([len(ids)], device=device))
+    probs = torch.softmax(logits[0].float(), -1)
+    return Prediction(LABEL_NAMES[int(probs.argmax())], float(probs[1]), len(ids), truncated)

@@ -1,0 +1,526 @@
+"""Model stage: GPT-2 written out in plain PyTorch, its pretrained weights, and model-agnostic tools.
+
+GPT-2 is a stack of identical pre-LayerNorm transformer blocks:
+
+    ids -> token embedding + position embedding -> block x n_layers -> final LayerNorm -> out_head -> logits
+    block(x) = x + attn(norm1(x));  then  x + mlp(norm2(x))
+
+``load_gpt2`` downloads the official weights (safetensors, verified) or reads a checkpoint folder,
+maps every Hugging Face tensor onto this model and checks names and shapes on the way.
+The functions at the end (``pick_device`` ... ``load_model``) work for every model with the course's
+shared interface (GPT-2 here, SmolLM2 in ``helpers.smollm2``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import config
+from helpers.download import download_file
+
+DEFAULT_BASE_URL = "https://huggingface.co/openai-community"
+CHECKPOINT_FILES = ("config.json", "model.safetensors")
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass(frozen=True, kw_only=True)
+class GPT2Config:
+    """Sizes of a GPT-2 model (the defaults are GPT-2's vocabulary and context)."""
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int
+    n_heads: int
+    n_layers: int
+    drop_rate: float = 0.0
+    qkv_bias: bool = True
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.emb_dim % self.n_heads:
+            raise ValueError(f"emb_dim={self.emb_dim} must be divisible by n_heads={self.n_heads}")
+
+
+PRESETS: dict[str, GPT2Config] = {
+    "gpt2": GPT2Config(emb_dim=768, n_heads=12, n_layers=12),  # 124M
+    "gpt2-medium": GPT2Config(emb_dim=1024, n_heads=16, n_layers=24),  # 355M
+    "gpt2-large": GPT2Config(emb_dim=1280, n_heads=20, n_layers=36),  # 774M
+    "gpt2-xl": GPT2Config(emb_dim=1600, n_heads=25, n_layers=48),  # 1558M
+}
+
+# SHA-256 of the official files (Hugging Face LFS object ids). Presets without an entry are
+# checked structurally only: every tensor must have the expected name, shape and dtype.
+WEIGHT_SHA256: dict[str, str] = {
+    "gpt2": "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707",  # 548,105,171 bytes
+}
+
+
+# ----------------------------------------------------------------------------- the model
+class MultiHeadAttention(nn.Module):
+    """Causal self-attention: separate query/key/value projections, one output projection."""
+
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        d = cfg.emb_dim
+        self.n_heads, self.head_dim, self.dropout = cfg.n_heads, d // cfg.n_heads, cfg.drop_rate
+        self.W_query = nn.Linear(d, d, bias=cfg.qkv_bias)
+        self.W_key = nn.Linear(d, d, bias=cfg.qkv_bias)
+        self.W_value = nn.Linear(d, d, bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(d, d)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] -> [B, heads, T, head_dim]."""
+        b, n, _ = t.shape
+        return t.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def _merge(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, heads, T, head_dim] -> [B, T, D]."""
+        b, _, n, _ = t.shape
+        return t.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(self.W_query(x)), self._heads(self.W_key(x)), self._heads(self.W_value(x))
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        return self.out_proj(self._merge(out))
+
+    def forward_last(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Attention output [B, D] at position ``index[b]`` of each row only (keys/values from all of ``x``)."""
+        rows = torch.arange(x.shape[0], device=x.device)
+        q = self._heads(self.W_query(x[rows, index]).unsqueeze(1))  # [B, heads, 1, head_dim]
+        k, v = self._heads(self.W_key(x)), self._heads(self.W_value(x))
+        visible = torch.arange(x.shape[1], device=x.device) <= index[:, None]  # causal row of each query
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], dropout_p=p)
+        return self.out_proj(self._merge(out).squeeze(1))
+
+
+class FeedForward(nn.Module):
+    """The MLP: expand 4x, GELU (tanh approximation, as GPT-2), project back."""
+
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: ``x + attn(norm1(x))`` then ``x + ff(norm2(x))``."""
+
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
+        self.attn = MultiHeadAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
+        self.ff = FeedForward(cfg)
+        self.drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x)))
+        return x + self.drop(self.ff(self.norm2(x)))
+
+    def forward_last(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``self(x)[arange(B), index]`` [B, D], computing the query, MLP etc. at that one position only."""
+        index = torch.as_tensor(index, dtype=torch.long, device=x.device)
+        x = x[:, : int(index.max()) + 1]  # later positions cannot influence earlier ones
+        rows = torch.arange(x.shape[0], device=x.device)
+        h = x[rows, index] + self.drop(self.attn.forward_last(self.norm1(x), index))
+        return h + self.drop(self.ff(self.norm2(h)))
+
+
+class GPT2Model(nn.Module):
+    """GPT-2: embeddings, ``n_layers`` blocks, final LayerNorm, output head tied to the token embedding."""
+
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.out_head.weight = self.tok_emb.weight  # weight tying, as in GPT-2
+        self.tokenizer: Any = None  # attached by the loader
+        self.apply(_init_weights)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token + position embeddings [B, T, D] (everything before block 0)."""
+        n = ids.shape[1]
+        if n > self.cfg.context_length:
+            raise ValueError(f"{n} tokens do not fit the context of {self.cfg.context_length}: truncate the input.")
+        positions = torch.arange(n, device=ids.device)
+        return self.drop_emb(self.tok_emb(ids) + self.pos_emb(positions))
+
+    def forward_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states after the final LayerNorm [B, T, D]."""
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.final_norm(x)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, vocab_size] (or [B, T, classes] once a classifier head replaced ``out_head``)."""
+        return self.out_head(self.forward_hidden(ids))
+
+
+def _init_weights(module: nn.Module) -> None:
+    """GPT-2's initialisation for a model trained from scratch: N(0, 0.02) weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not match the model; the message says what to do."""
+
+
+_IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # HF's causal-mask buffers, not weights
+
+
+def config_from_hf(hf: dict[str, Any]) -> GPT2Config:
+    """A ``GPT2Config`` from the fields of a Hugging Face GPT-2 ``config.json``."""
+    try:
+        cfg = GPT2Config(
+            vocab_size=int(hf["vocab_size"]),
+            context_length=int(hf["n_positions"]),
+            emb_dim=int(hf["n_embd"]),
+            n_heads=int(hf["n_head"]),
+            n_layers=int(hf["n_layer"]),
+            layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        )
+    except KeyError as exc:
+        raise CheckpointError(f"config.json has no {exc.args[0]!r}: it is not a GPT-2 config.") from exc
+    unsupported = {
+        "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
+        "n_inner": (hf.get("n_inner"), (None, 4 * cfg.emb_dim)),
+        "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
+    }
+    for key, (value, allowed) in unsupported.items():
+        if value not in allowed:
+            raise CheckpointError(f"config.json sets {key}={value!r}; this GPT-2 supports only {allowed}.")
+    return cfg
+
+
+def expected_tensors(cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every weight in a Hugging Face GPT-2 checkpoint (Conv1D weights are [in, out])."""
+    d, v = cfg.emb_dim, cfg.vocab_size
+    table: dict[str, tuple[int, ...]] = {"wte.weight": (v, d), "wpe.weight": (cfg.context_length, d)}
+    for i in range(cfg.n_layers):
+        p = f"h.{i}."
+        table.update({
+            p + "ln_1.weight": (d,), p + "ln_1.bias": (d,),
+            p + "attn.c_attn.weight": (d, 3 * d), p + "attn.c_attn.bias": (3 * d,),
+            p + "attn.c_proj.weight": (d, d), p + "attn.c_proj.bias": (d,),
+            p + "ln_2.weight": (d,), p + "ln_2.bias": (d,),
+            p + "mlp.c_fc.weight": (d, 4 * d), p + "mlp.c_fc.bias": (4 * d,),
+            p + "mlp.c_proj.weight": (4 * d, d), p + "mlp.c_proj.bias": (d,),
+        })
+    table.update({"ln_f.weight": (d,), "ln_f.bias": (d,)})
+    return table
+
+
+def _open(path: Path):
+    """``safe_open`` with a clear error for corrupt, truncated or non-safetensors files (no pickle involved)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({exc}); it is corrupt or truncated. "
+            f"Delete it and download or save the checkpoint again."
+        ) from exc
+
+
+def _hf_name(name: str) -> str:
+    return name.removeprefix("transformer.")
+
+
+def check_checkpoint(path: str | os.PathLike, cfg: GPT2Config) -> None:
+    """Raise ``CheckpointError`` unless the safetensors file at ``path`` holds exactly GPT-2's tensors for ``cfg``.
+
+    Reads only the header: names (with or without a ``transformer.`` prefix), shapes and dtypes.
+    """
+    path = Path(path)
+    with _open(path) as f:
+        found = {_hf_name(k): (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    sizes = f"n_embd={cfg.emb_dim}, n_layer={cfg.n_layers}, n_head={cfg.n_heads}, vocab_size={cfg.vocab_size}"
+    fix = f"Check that {path.name} belongs to this config ({sizes}); delete {path.parent} and download or save it again."
+    expected = expected_tensors(cfg) | {"lm_head.weight": (cfg.vocab_size, cfg.emb_dim)}
+    for name, shape in expected.items():
+        if name not in found:
+            if name == "lm_head.weight":
+                continue  # optional: the head is tied to wte
+            raise CheckpointError(f"{path.name} has no tensor {name!r} (expected shape {shape}). {fix}")
+        got_shape, dtype = found[name]
+        if got_shape != shape:
+            raise CheckpointError(f"{path.name}: tensor {name!r} has shape {got_shape}, expected {shape}. {fix}")
+        if dtype != "F32":
+            raise CheckpointError(f"{path.name}: tensor {name!r} is {dtype}, expected F32 (float32). {fix}")
+    extra = [name for name in found if name not in expected and not _IGNORED.fullmatch(name)]
+    if extra:
+        raise CheckpointError(f"{path.name} has an unexpected tensor {extra[0]!r}: it is not a GPT-2 checkpoint. {fix}")
+
+
+def _read_config(path: Path) -> GPT2Config:
+    try:
+        return config_from_hf(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"Cannot read {path} ({exc}). Delete it and download or save the checkpoint again.") from exc
+
+
+def _check_preset_config(path: Path, name: str) -> None:
+    """``download_file`` hook: the downloaded config.json must describe the preset."""
+    cfg = _read_config(path)
+    if cfg != PRESETS[name]:
+        raise CheckpointError(f"config.json does not describe {name}: got {asdict(cfg)}, expected {asdict(PRESETS[name])}")
+
+
+def download_gpt2(name: str) -> Path:
+    """Folder ``data_dir()/models/<name>`` with the verified ``config.json`` and ``model.safetensors`` of a preset.
+
+    Downloads from ``$GPT2_BASE_URL/<name>/resolve/main/<file>`` (default: Hugging Face's openai-community);
+    a cached copy is reused after it verifies again.
+    """
+    if name not in PRESETS:
+        raise CheckpointError(f"Unknown GPT-2 preset {name!r}; pick one of {sorted(PRESETS)}.")
+    base = os.environ.get("GPT2_BASE_URL", "").strip().rstrip("/") or DEFAULT_BASE_URL
+    folder = config.data_dir() / "models" / name
+    cfg = PRESETS[name]
+    # The weights first: if they fail, nothing of this model is left in the cache.
+    download_file(
+        f"{base}/{name}/resolve/main/model.safetensors", folder / "model.safetensors",
+        sha256=WEIGHT_SHA256.get(name), verify=lambda p: check_checkpoint(p, cfg), desc=f"{name} weights",
+    )
+    download_file(
+        f"{base}/{name}/resolve/main/config.json", folder / "config.json",
+        verify=lambda p: _check_preset_config(p, name), desc=f"{name} config",
+    )
+    return folder
+
+
+def _to_model_state(hf: dict[str, torch.Tensor], cfg: GPT2Config) -> dict[str, torch.Tensor]:
+    """Rename (and transpose/split) Hugging Face GPT-2 tensors into this model's ``state_dict``."""
+    state = {"tok_emb.weight": hf["wte.weight"], "pos_emb.weight": hf["wpe.weight"],
+             "final_norm.weight": hf["ln_f.weight"], "final_norm.bias": hf["ln_f.bias"]}
+    for i in range(cfg.n_layers):
+        h, b = f"h.{i}.", f"blocks.{i}."
+        q, k, v = hf[h + "attn.c_attn.weight"].T.chunk(3, dim=0)  # Conv1D [in, 3*out] -> 3 x Linear [out, in]
+        qb, kb, vb = hf[h + "attn.c_attn.bias"].chunk(3)
+        state.update({
+            b + "norm1.weight": hf[h + "ln_1.weight"], b + "norm1.bias": hf[h + "ln_1.bias"],
+            b + "attn.W_query.weight": q, b + "attn.W_key.weight": k, b + "attn.W_value.weight": v,
+            b + "attn.W_query.bias": qb, b + "attn.W_key.bias": kb, b + "attn.W_value.bias": vb,
+            b + "attn.out_proj.weight": hf[h + "attn.c_proj.weight"].T, b + "attn.out_proj.bias": hf[h + "attn.c_proj.bias"],
+            b + "norm2.weight": hf[h + "ln_2.weight"], b + "norm2.bias": hf[h + "ln_2.bias"],
+            b + "ff.fc.weight": hf[h + "mlp.c_fc.weight"].T, b + "ff.fc.bias": hf[h + "mlp.c_fc.bias"],
+            b + "ff.proj.weight": hf[h + "mlp.c_proj.weight"].T, b + "ff.proj.bias": hf[h + "mlp.c_proj.bias"],
+        })
+    state["out_head.weight"] = state["tok_emb.weight"]  # tied
+    return {name: t.contiguous() for name, t in state.items()}
+
+
+def load_checkpoint(folder: str | os.PathLike) -> GPT2Model:
+    """A ``GPT2Model`` (eval mode, no tokenizer) from a folder with Hugging Face's config.json + model.safetensors."""
+    folder = Path(folder)
+    for file in CHECKPOINT_FILES:
+        if not (folder / file).is_file():
+            raise CheckpointError(
+                f"{folder} has no {file}. A GPT-2 checkpoint folder holds {' + '.join(CHECKPOINT_FILES)}, "
+                f"e.g. written by transformers' GPT2LMHeadModel.save_pretrained(folder)."
+            )
+    cfg = _read_config(folder / "config.json")
+    path = folder / "model.safetensors"
+    check_checkpoint(path, cfg)
+    with _open(path) as f:
+        hf = {_hf_name(k): f.get_tensor(k) for k in f.keys() if not _IGNORED.fullmatch(_hf_name(k))}
+    head = hf.pop("lm_head.weight", None)
+    if head is not None and not torch.equal(head, hf["wte.weight"]):
+        raise CheckpointError(f"{path}: lm_head.weight differs from wte.weight; this GPT-2 needs a tied output head.")
+    model = GPT2Model(cfg)
+    model.load_state_dict(_to_model_state(hf, cfg), strict=True)
+    return model.eval()
+
+
+def load_gpt2(name_or_path: str | os.PathLike | None = None) -> GPT2Model:
+    """Pretrained GPT-2 in eval mode with ``model.tokenizer`` attached.
+
+    ``name_or_path``: a preset (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``; downloaded and verified
+    once) or a checkpoint folder; default ``helpers.config.model_name()`` (env COURSE_MODEL).
+    """
+    from helpers.data import gpt2_tokenizer
+
+    name = str(name_or_path or config.model_name())
+    if name in PRESETS:
+        folder = download_gpt2(name)
+    elif Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+    else:
+        raise CheckpointError(f"{name!r} is neither a GPT-2 preset {sorted(PRESETS)} nor an existing checkpoint folder.")
+    model = load_checkpoint(folder)
+    model.tokenizer = gpt2_tokenizer()
+    return model
+
+
+# ----------------------------------------------------------------------------- model-agnostic tools
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else env COURSE_DEVICE, else the best available: cuda -> mps -> cpu."""
+    choice = device or os.environ.get("COURSE_DEVICE", "").strip()
+    if choice:
+        chosen = torch.device(choice)
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"Device {choice!r} was requested but CUDA is not available; unset COURSE_DEVICE or use 'cpu'.")
+        if chosen.type == "mps" and not torch.backends.mps.is_available():
+            raise RuntimeError(f"Device {choice!r} was requested but MPS is not available; unset COURSE_DEVICE or use 'cpu'.")
+        return chosen
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's, NumPy's and PyTorch's (all devices) random number generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (shared/tied tensors counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def add_classifier_head(model: nn.Module, num_classes: int = 2, trainable_blocks: int = 1, seed: int = 123) -> nn.Module:
+    """Turn an LM into a classifier: freeze everything, new ``out_head`` Linear(emb_dim, num_classes)
+    (initialised under ``seed``), then unfreeze the last ``trainable_blocks`` blocks and ``final_norm``.
+    Returns ``model`` (changed in place)."""
+    n_layers = len(model.blocks)
+    if not 0 <= trainable_blocks <= n_layers:
+        raise ValueError(f"trainable_blocks must be in 0..{n_layers}, got {trainable_blocks}.")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    reference = model.tok_emb.weight
+    with torch.random.fork_rng(devices=[]):  # the same head on every device; global RNG untouched
+        torch.manual_seed(seed)
+        head = nn.Linear(model.cfg.emb_dim, num_classes)
+    model.out_head = head.to(device=reference.device, dtype=reference.dtype)
+    for module in [*model.blocks[n_layers - trainable_blocks:], model.final_norm]:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    return model
+
+
+def _check_lengths(lengths: torch.Tensor | Sequence[int], batch: int, width: int, device) -> torch.Tensor:
+    lengths = torch.as_tensor(lengths, dtype=torch.long, device=device)
+    if lengths.shape != (batch,):
+        raise ValueError(f"Expected one length per row ({batch}); got lengths of shape {tuple(lengths.shape)}.")
+    if batch and (int(lengths.min()) < 1 or int(lengths.max()) > width):
+        raise ValueError(
+            f"lengths must be in 1..{width} (the padded width); got {int(lengths.min())}..{int(lengths.max())}. "
+            f"Pass the number of real (non-padding) tokens of each row."
+        )
+    return lengths
+
+
+def logits_from_hidden(model: nn.Module, x: torch.Tensor, lengths: torch.Tensor | Sequence[int],
+                       first_block: int = 0) -> torch.Tensor:
+    """Logits [B, C] at the last real token, starting from hidden states ``x`` [B, T, D] that enter
+    block ``first_block`` (0: the output of ``model.embed``; more: cached outputs of frozen blocks).
+
+    The last block runs at one position per row (``block.forward_last``): its keys and values need
+    every position, but nothing after it does.
+    """
+    lengths = _check_lengths(lengths, x.shape[0], x.shape[1], x.device)
+    x = x[:, : int(lengths.max())]
+    for block in model.blocks[first_block:-1]:
+        x = block(x)
+    x = model.blocks[-1].forward_last(x, lengths - 1)
+    return model.out_head(model.final_norm(x))
+
+
+def last_token_logits(model: nn.Module, ids: torch.Tensor, lengths: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """Logits [B, C] at the last real token of each right-padded row (``lengths[b]`` real tokens).
+
+    Only the positions that can influence that token are computed: the batch is cut to the longest
+    row, and the last block runs at one position per row (``block.forward_last``).
+    """
+    if ids.ndim != 2:
+        raise ValueError(f"Expected ids [B, T]; got shape {tuple(ids.shape)}.")
+    lengths = _check_lengths(lengths, ids.shape[0], ids.shape[1], ids.device)
+    return logits_from_hidden(model, model.embed(ids[:, : int(lengths.max())]), lengths)
+
+
+@torch.no_grad()
+def generate_greedy(
+    model: nn.Module, ids_or_text: str | torch.Tensor | Sequence[int], max_new_tokens: int, *, eos_id: int | None = None
+) -> str | torch.Tensor:
+    """Append ``max_new_tokens`` greedy (argmax) tokens; the input is cropped to the model's context.
+
+    Text in -> text out (prompt + continuation, via ``model.tokenizer``); ids [T] or [B, T] in -> ids [B, T + new] out.
+    Stops early once every row has produced ``eos_id`` (when given). Runs in eval mode, then restores the mode.
+    """
+    device = next(model.parameters()).device
+    text = isinstance(ids_or_text, str)
+    ids = torch.tensor([model.tokenizer.encode(ids_or_text)]) if text else torch.as_tensor(ids_or_text)
+    ids = (ids if ids.ndim == 2 else ids[None]).to(device=device, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    try:
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            logits = model(ids[:, -model.cfg.context_length:])[:, -1]
+            nxt = logits.argmax(dim=-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+            if eos_id is not None:
+                done |= nxt[:, 0] == eos_id
+                if bool(done.all()):
+                    break
+    finally:
+        model.train(was_training)
+    return model.tokenizer.decode(ids[0].tolist()) if text else ids
+
+
+def load_model(name_or_path: str | os.PathLike | None = None) -> nn.Module:
+    """Any course model by name: ``smollm2-135m`` -> SmolLM2, anything else -> GPT-2 (preset or folder)."""
+    name = str(name_or_path or config.model_name())
+    if name.lower() == "smollm2-135m":
+        from helpers.smollm2 import load_smollm2
+
+        return load_smollm2()
+    return load_gpt2(name)
+
+
+def build_model(architecture: str, cfg: dict[str, Any]) -> nn.Module:
+    """An untrained model of a course architecture (``type(model).__name__``) with its tokenizer attached."""
+    if architecture == "GPT2Model":
+        from helpers.data import gpt2_tokenizer
+
+        model, tokenizer = GPT2Model(GPT2Config(**cfg)), gpt2_tokenizer()
+    elif architecture == "SmolLM2":
+        import gguf
+
+        from helpers.smollm2 import SmolLM2, SmolLM2Config, find_gguf, tokenizer_from_gguf
+
+        model, tokenizer = SmolLM2(SmolLM2Config(**cfg)), tokenizer_from_gguf(gguf.GGUFReader(find_gguf()))
+    else:
+        raise ValueError(f"Unknown architecture {architecture!r}; expected 'GPT2Model' or 'SmolLM2'.")
+    model.tokenizer = tokenizer
+    return model
