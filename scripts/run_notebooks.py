@@ -46,9 +46,30 @@ def main(prefixes: list[str]) -> int:
             print(f"FAILED in {path.name}; the executed copy with the error is in {out_dir / path.name}\n{error}")
             return 1
         print(f"  done in {seconds:.1f} s", flush=True)
-    print("\nmetrics.json:")
-    print(json.dumps(config.read_metrics(), indent=2, sort_keys=True))
+    metrics = config.read_metrics()
+    print("\nmetrics.json:", json.dumps(metrics, sort_keys=True)[:2000])
+    print("\nsummary:")
+    for line in summary(metrics):
+        print("  " + line)
     return 0
+
+
+def summary(metrics: dict) -> list[str]:
+    """A few human lines from metrics.json (only what was recorded)."""
+    lines = []
+    d = metrics.get("data", {})
+    if {"rows", "balanced", "split"} <= d.keys():
+        b, s = d["balanced"], d["split"]
+        lines.append(f"data: {d['rows']:,} rows -> {b['spam']}/{b['ham']} spam/ham -> "
+                     f"{s['train']:,}/{s['validation']}/{s['test']} train/validation/test")
+    for key in ("classifier", "lora", "qlora", "smollm2"):
+        acc = metrics.get(key, {}).get("accuracy")
+        if acc:
+            seconds = metrics[key].get("train_seconds")
+            lines.append(f"{key}: test accuracy {acc['test']:.2%}" + (f" (trained in {seconds:.0f} s)" if seconds else ""))
+    if "baseline" in metrics:
+        lines.append(f"baseline (bag of tokens): test accuracy {metrics['baseline']['accuracy']['test']:.2%}")
+    return lines
 
 
 if __name__ == "__main__":
