@@ -168,3 +168,12 @@ def make_loader(dataset: SpamDataset, batch_size: int = 8, shuffle: bool = False
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator,
                       collate_fn=lambda items: collate(items, dataset.pad_id, pad_to))
+
+
+def tokenize_splits(splits: dict[str, pd.DataFrame], tokenizer, context_length: int = 1024
+                    ) -> dict[str, SpamDataset]:
+    """A ``SpamDataset`` per split; validation and test are truncated to the longest *training* text."""
+    train = SpamDataset(splits["train"], tokenizer, context_length=context_length)
+    return {"train": train, **{name: SpamDataset(df, tokenizer, max_length=train.max_length,
+                                                 context_length=context_length)
+                               for name, df in splits.items() if name != "train"}}

@@ -162,6 +162,18 @@ def make_batches(model: nn.Module, dataset: SpamDataset, *, batch_size: int = 8,
     return Batches(loader, last_token_logits, cached=False)
 
 
+def split_batches(model: nn.Module, datasets: dict[str, SpamDataset], batch_size: int = 8, cache: bool = True,
+                  seed: int = 123) -> dict[str, Batches]:
+    """``make_batches`` for every split: training shuffled with ``drop_last``, the others in order."""
+    return {name: make_batches(model, ds, batch_size=batch_size, shuffle=name == "train", drop_last=name == "train",
+                               cache=cache, seed=seed) for name, ds in datasets.items()}
+
+
+def accuracies(model: nn.Module, batches: dict[str, Batches]) -> dict[str, float]:
+    """Accuracy on the whole of each split."""
+    return {name: calc_accuracy(model, split) for name, split in batches.items()}
+
+
 # --- Loss, accuracy, training --------------------------------------------------------------------------
 
 def _device(model: nn.Module) -> torch.device:
