@@ -80,10 +80,10 @@ class PathSpec:
 
 
 PATHS: dict[str, PathSpec] = {
-    "a": PathSpec("reference-style: pad to 120, logits at the last position, full forward", "reference", False, 3),
+    "a": PathSpec("reference-style: pad to 120, logits at the last position, full forward", "reference", False, 6),
     "b": PathSpec("course: make_batches(cache=True), frozen-block cache, last real token", "course", False, 12),
-    "c": PathSpec("reference-style LoRA: pad to 120, last position, full forward", "reference", True, 2),
-    "d": PathSpec("course LoRA: batch-max padding, last real token, forward_last", "course", True, 3),
+    "c": PathSpec("reference-style LoRA: pad to 120, last position, full forward", "reference", True, 8),
+    "d": PathSpec("course LoRA: batch-max padding, last real token, forward_last", "course", True, 8),
 }
 #: (printed name, slow path, fast path); the printed ratio is time(slow) / time(fast)
 COMPARISONS: list[tuple[str, str, str]] = [("lora_speedup", "c", "d"), ("speedup", "a", "b")]
