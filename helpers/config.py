@@ -7,6 +7,8 @@
 | COURSE_PROFILE    | full                            | ``smoke`` = tiny fast run used by the tests    |
 | COURSE_MODEL      | gpt2                            | preset name or a folder with a checkpoint      |
 | SMS_SPAM_URLS     | UCI, then two mirrors           | comma-separated URLs, tried in order           |
+| COURSE_CONNECT_TIMEOUT | 15                         | seconds to connect and get a download's headers |
+| COURSE_STALL_TIMEOUT   | 30                         | a download fails when < 64 KiB arrive in this many seconds |
 """
 from __future__ import annotations
 
@@ -85,3 +87,25 @@ def read_metrics(path: Path | None = None) -> dict[str, Any]:
     """The metrics recorded so far (empty when none)."""
     path = path or output_dir() / "metrics.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment variable ``name`` (``default`` when unset or empty)."""
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{name}={raw!r} is not a positive number of seconds; unset it or set e.g. {name}={default:g}.")
+    return value
+
+
+def connect_timeout() -> float:
+    """Seconds a download may take to connect and get the server's first answer (COURSE_CONNECT_TIMEOUT)."""
+    return _seconds("COURSE_CONNECT_TIMEOUT", 15.0)
+
+
+def stall_timeout() -> float:
+    """Seconds a download may go with less than 64 KiB arriving before it counts as stalled (COURSE_STALL_TIMEOUT)."""
+    return _seconds("COURSE_STALL_TIMEOUT", 30.0)

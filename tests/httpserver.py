@@ -1,9 +1,11 @@
 """A tiny HTTP server on 127.0.0.1 for offline tests: serves registered files and simulated faults."""
 from __future__ import annotations
 
+import socket
 import threading
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -14,6 +16,8 @@ class Route:
     status: int = 200
     delay: float = 0.0  # seconds to sleep before answering (simulates a timeout)
     truncate_to: int | None = None  # send only this many bytes but announce the full length
+    trickle: float = 0.0  # send the body one byte at a time, this many seconds apart (a stalling server)
+    headers: dict[str, str] = field(default_factory=dict)  # extra headers, e.g. {"Location": ...}
 
 
 class LocalServer:
@@ -34,8 +38,14 @@ class LocalServer:
                 try:
                     self.send_response(route.status)
                     self.send_header("Content-Length", str(len(route.body)))
+                    for name, value in route.headers.items():
+                        self.send_header(name, value)
                     self.end_headers()
-                    self.wfile.write(body)
+                    if not route.trickle:
+                        self.wfile.write(body)
+                    for i in range(len(body) if route.trickle else 0):
+                        time.sleep(route.trickle)
+                        self.wfile.write(body[i:i + 1])
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
@@ -44,7 +54,8 @@ class LocalServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)  # a short poll: shutdown() returns at once
 
     def add(self, path: str, body: bytes | Path, **kwargs) -> str:
         """Serve ``body`` (bytes or a file) at ``path``; return its URL."""
@@ -69,3 +80,11 @@ class LocalServer:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+@contextmanager
+def silent_server():
+    """URL of a port that accepts connections (the kernel completes them) and never answers."""
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as listener:
+        host, port = listener.getsockname()[:2]
+        yield f"http://{host}:{port}/never-answers.zip"
