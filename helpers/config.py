@@ -9,6 +9,10 @@
 | SMS_SPAM_URLS     | UCI, then two mirrors           | comma-separated URLs, tried in order           |
 | COURSE_CONNECT_TIMEOUT | 15                         | seconds to connect and get a download's headers |
 | COURSE_STALL_TIMEOUT   | 30                         | a download fails when < 64 KiB arrive in this many seconds |
+
+
+| INSTRUCTION_DATA_URLS | the book's file, pinned commit | comma-separated URLs of instruction-data.json |
+| INSTRUCTION_DATA_SHA256 | the pinned file's SHA-256     | only for testing with a different file         |
 """
 from __future__ import annotations
 
@@ -109,3 +113,23 @@ def connect_timeout() -> float:
 def stall_timeout() -> float:
     """Seconds a download may go with less than 64 KiB arriving before it counts as stalled (COURSE_STALL_TIMEOUT)."""
     return _seconds("COURSE_STALL_TIMEOUT", 30.0)
+
+
+# --- Instruction data (notebooks 10 and 11) ---------------------------------------------------------------
+
+# rasbt/LLMs-from-scratch, ch07 instruction-data.json (Apache-2.0), pinned to the commit that added it.
+INSTRUCTION_DATA_URLS = [
+    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/4ac480c9ae56ead3ba3bf71060ecbcd783bb8dc6/"
+    "ch07/01_main-chapter-code/instruction-data.json",
+]
+INSTRUCTION_DATA_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
+
+
+def instruction_data_urls() -> list[str]:
+    """Where ``instruction-data.json`` is fetched from: INSTRUCTION_DATA_URLS (comma-separated) or the pinned URL."""
+    return env_list("INSTRUCTION_DATA_URLS", INSTRUCTION_DATA_URLS)
+
+
+def instruction_data_sha256() -> str:
+    """Its expected SHA-256: INSTRUCTION_DATA_SHA256 (only to test with another file) or the pinned file's."""
+    return (os.environ.get("INSTRUCTION_DATA_SHA256", "").strip() or INSTRUCTION_DATA_SHA256).lower()

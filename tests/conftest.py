@@ -4,6 +4,7 @@ At start-up (before any notebook kernel starts, so kernels inherit it) this sets
 * ``COURSE_PROFILE=smoke``, ``COURSE_DATA_DIR`` / ``COURSE_OUTPUT_DIR`` in a temporary folder;
 * a local HTTP server on 127.0.0.1 serving the SMS Spam zip — the real one from ``../shared/data``
   when present, else a synthetic zip in the original layout (``SMS_SPAM_SHA256`` then names its hash);
+  and ``instruction-data.json`` the same way (``INSTRUCTION_DATA_URLS``, ``INSTRUCTION_DATA_SHA256``);
 * ``TIKTOKEN_CACHE_DIR`` primed with GPT-2's BPE files from ``../shared`` when it is not set already;
 * ``COURSE_MODEL`` = a tiny random GPT-2 checkpoint in the real on-disk format (unless already set).
 """
@@ -25,7 +26,7 @@ SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(TESTS))
 
 from httpserver import LocalServer  # noqa: E402
-from synthetic import synthetic_sms_zip  # noqa: E402
+from synthetic import synthetic_instruction_data, synthetic_sms_zip  # noqa: E402
 
 TIKTOKEN_FILES = {  # SHA-1 of the URL -> file name (tiktoken's cache layout)
     "6d1cbeee0f20b3d9449abfede4726ed8212e3aee": "vocab.bpe",
@@ -43,6 +44,15 @@ def sms_zip_bytes() -> tuple[bytes, str | None]:
         return real.read_bytes(), None
     data, member = synthetic_sms_zip()
     return data, hashlib.sha256(member).hexdigest()
+
+
+def instruction_data_bytes() -> tuple[bytes, str | None]:
+    """The book's instruction-data.json from ../shared (hash None = the course default) or a synthetic one and its hash."""
+    real = SHARED / "instruction-data.json"
+    if real.is_file():
+        return real.read_bytes(), None
+    data = synthetic_instruction_data()
+    return data, hashlib.sha256(data).hexdigest()
 
 
 def _prime_tiktoken() -> None:
@@ -71,6 +81,10 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["SMS_SPAM_URLS"] = SERVER.add("/smsspamcollection.zip", zip_bytes)
     if member_sha:
         os.environ["SMS_SPAM_SHA256"] = member_sha
+    instructions, instructions_sha = instruction_data_bytes()
+    os.environ["INSTRUCTION_DATA_URLS"] = SERVER.add("/instruction-data.json", instructions)
+    if instructions_sha:
+        os.environ["INSTRUCTION_DATA_SHA256"] = instructions_sha
     os.environ["COURSE_PROFILE"] = "smoke"
     os.environ["COURSE_DATA_DIR"] = str(WORK / "data")
     os.environ["COURSE_OUTPUT_DIR"] = str(WORK / "outputs")

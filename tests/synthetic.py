@@ -6,6 +6,7 @@ and a few lines that start with a double quote, so pandas' default quoting trap 
 from __future__ import annotations
 
 import io
+import json
 import random
 import zipfile
 
@@ -35,3 +36,17 @@ def synthetic_sms_zip() -> tuple[bytes, bytes]:
         archive.writestr("SMSSpamCollection", member)
         archive.writestr("readme", "Synthetic stand-in for the SMS Spam Collection (tests only).\r\n")
     return buffer.getvalue(), member
+
+
+def synthetic_instruction_data(n: int = 1100, seed: int = 0) -> bytes:
+    """A stand-in for ``instruction-data.json``: a JSON list of ``n`` instruction / input / output objects,
+    about 70 % with an empty input like the original."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        word = rng.choice(HAM_WORDS)
+        has_input = rng.random() < 0.3
+        records.append({"instruction": f"Rewrite the word in capitals ({i})." if has_input else f"Say '{word}' ({i}).",
+                        "input": word if has_input else "",
+                        "output": word.upper() if has_input else f"{word.capitalize()}."})
+    return json.dumps(records, indent=4).encode()
