@@ -13,13 +13,15 @@
 
 | INSTRUCTION_DATA_URLS | the book's file, pinned commit | comma-separated URLs of instruction-data.json |
 | INSTRUCTION_DATA_SHA256 | the pinned file's SHA-256     | only for testing with a different file         |
+| COURSE_DIST_TIMEOUT | 600                           | seconds a process waits for the others under torchrun (start-up, each collective) |
+| RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT | unset | set by ``torchrun`` for each process it starts; never set them by hand |
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ("full", "smoke")
@@ -133,3 +135,47 @@ def instruction_data_urls() -> list[str]:
 def instruction_data_sha256() -> str:
     """Its expected SHA-256: INSTRUCTION_DATA_SHA256 (only to test with another file) or the pinned file's."""
     return (os.environ.get("INSTRUCTION_DATA_SHA256", "").strip() or INSTRUCTION_DATA_SHA256).lower()
+
+
+# --- Several processes (torchrun; helpers/distributed.py) -------------------------------------------------
+
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class TorchrunEnv(NamedTuple):
+    """Where this process sits in a ``torchrun`` job: its number among all processes (``rank``), its number on
+    this machine (``local_rank``, which picks the GPU), how many processes in all, and rank 0's address."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+
+
+def torchrun_env() -> TorchrunEnv | None:
+    """The variables ``torchrun`` sets for each process it starts, checked; None when none is set (plain ``python``)."""
+    raw = {name: os.environ.get(name, "").strip() for name in TORCHRUN_VARIABLES}
+    if not any(raw.values()):
+        return None
+    hint = "torchrun sets them for every process it starts: launch with `torchrun --nproc_per_node=N ...`, or unset them."
+    missing = [name for name, value in raw.items() if not value]
+    if missing:
+        found = [name for name in TORCHRUN_VARIABLES if name not in missing]
+        raise ValueError(f"{', '.join(found)} set but {', '.join(missing)} not; {hint}")
+    try:
+        rank, local_rank, world_size, port = (int(raw[name]) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                                                           "MASTER_PORT"))
+    except ValueError:
+        raise ValueError(f"RANK, LOCAL_RANK, WORLD_SIZE and MASTER_PORT must be whole numbers, got "
+                         f"{ {name: raw[name] for name in TORCHRUN_VARIABLES} }; {hint}") from None
+    if not (world_size >= 1 and 0 <= rank < world_size and 0 <= local_rank <= rank and 0 < port < 65536):
+        raise ValueError(f"Inconsistent torchrun variables RANK={rank} LOCAL_RANK={local_rank} "
+                         f"WORLD_SIZE={world_size} MASTER_PORT={port}; {hint}")
+    return TorchrunEnv(rank, local_rank, world_size, raw["MASTER_ADDR"], port)
+
+
+def dist_timeout() -> float:
+    """Seconds a process waits for the others under torchrun: at start-up, and in any one collective
+    (COURSE_DIST_TIMEOUT, default 600)."""
+    return _seconds("COURSE_DIST_TIMEOUT", 600.0)
