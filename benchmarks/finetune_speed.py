@@ -50,10 +50,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from helpers.data import SpamDataset, make_loader  # noqa: E402
-from helpers.model import GPT2Config, GPT2Model, PRESETS, add_classifier_head, set_seed  # noqa: E402
-from helpers.train import (  # noqa: E402
-    Batches, Forward, TrainConfig, batch_loss, calc_accuracy, make_batches, train_classifier,
-)
+from helpers.fastpath import Batches, Forward, make_batches  # noqa: E402
+from helpers.models.base import add_classifier_head, set_seed  # noqa: E402
+from helpers.models.gpt2 import PRESETS, GPT2Config, GPT2Model  # noqa: E402
+from helpers.train import TrainConfig, batch_loss, calc_accuracy, train_classifier  # noqa: E402
 
 SEED = 123
 SPLITS = ("train", "validation", "test")
@@ -94,7 +94,7 @@ def reference_forward(model: nn.Module, ids: torch.Tensor, lengths: torch.Tensor
     return model(ids)[:, -1, :]
 
 
-def build_model(preset: str, lora: bool) -> nn.Module:
+def seeded_classifier(preset: str, lora: bool) -> nn.Module:
     """Seeded random GPT-2 with the 2-class head (last block + final norm train), or LoRA on every block."""
     set_seed(SEED)
     model = add_classifier_head(GPT2Model(model_config(preset)), num_classes=2, trainable_blocks=1)
@@ -158,7 +158,8 @@ def real_data_available() -> bool:
 def load_datasets(source: str) -> dict[str, SpamDataset]:
     """Train/validation/test datasets; validation and test are truncated to the longest training text."""
     if source == "real":
-        from helpers.data import gpt2_tokenizer, load_splits
+        from helpers.data import load_splits
+        from helpers.models.gpt2 import gpt2_tokenizer
 
         splits, tokenizer = load_splits(), gpt2_tokenizer()
     else:
@@ -284,7 +285,7 @@ def measure_path(key: str, quick: bool, source: str, preset: str, device: torch.
     cfg = TrainConfig(epochs=1, max_steps_per_epoch=n_steps, eval_freq=n_steps, eval_iter=QUICK_EVAL_ITER) \
         if quick else full_cfg
 
-    model = build_model(preset, spec.lora).to(device)
+    model = seeded_classifier(preset, spec.lora).to(device)
     meter = Meter()
     if quick:  # the first forward pays one-off costs; keep them out of the sampled cache pass
         with torch.no_grad():

@@ -1,30 +1,18 @@
-"""Helpers for the course, one module per stage of the pipeline:
+"""The course's shared code: one straight pipeline, each module importing only the ones before it.
 
-``download`` (verified, cached files) -> ``data`` (parse, balance, split, datasets)
--> ``model`` (GPT-2, SmolLM2, a classification head) -> ``train`` -> ``evaluate`` -> ``lora``.
+    config       settings (every environment variable), atomic writes, file locks, outputs/metrics.json
+    download     verified, cached downloads (the SMS Spam Collection, GPT-2's weights)       notebook 02
+    data         parse, balance, label, split; datasets, padding, loaders                    notebooks 02-03
+    models       the registry (load_model, build_model) over one interface (models.base):
+                 models.gpt2 (notebook 04), models.smollm2 (notebook 08)
+    fastpath     frozen-block cache and length-sorted batches                                 notebook 05
+    train        loss, accuracy, the training loop                                           notebook 05
+    evaluate     predictions, confusion matrix, precision/recall/F1, plots, baseline, classify notebook 06
+    nf4          4-bit NF4 weights                                                           notebook 07
+    lora         LoRA and QLoRA layers                                                       notebook 07
+    checkpoints  save/load classifiers and adapters                                          notebooks 05-07
+    memory       measuring a training run's peak memory in a subprocess (plumbing)           notebook 07
 
-The names below are imported lazily, so ``import helpers`` is instant and a notebook
-that only handles data never loads PyTorch.
+Import the module you need, e.g. ``from helpers import data`` or ``from helpers.models import load_model``;
+``import helpers`` itself loads nothing.
 """
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "download_file": "download",
-    "DownloadError": "download",
-    "record_metrics": "config",
-    "load_gpt2": "model",
-    "load_model": "model",
-    "classify": "evaluate",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
-        return getattr(module, name)
-    raise AttributeError(f"module 'helpers' has no attribute {name!r}")

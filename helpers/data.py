@@ -1,48 +1,26 @@
-"""Data stage: parse the SMS Spam Collection exactly, balance, label, split, tokenize, batch."""
+"""Data stage: parse the SMS Spam Collection exactly, balance, label, split, tokenize, batch.
+
+Notebook 02 teaches parsing, balancing and labels; notebook 03 the split, ``SpamDataset``, ``collate`` and
+the loaders. Any tokenizer with ``encode(text) -> list[int]`` and ``pad_id`` works (``helpers.models``
+provides GPT-2's and SmolLM2's); this module imports no model code.
+"""
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import tiktoken
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-
-@dataclass(frozen=True)
-class GPT2Tokenizer:
-    """tiktoken's GPT-2 BPE behind the course's small tokenizer interface."""
-
-    encoding: tiktoken.Encoding
-    name: str = "gpt2"
-
-    @property
-    def pad_id(self) -> int:
-        """``<|endoftext|>`` (50256) doubles as the padding token."""
-        return self.encoding.eot_token
-
-    @property
-    def vocab_size(self) -> int:
-        return self.encoding.n_vocab
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; special-token strings in user text stay plain text."""
-        return self.encoding.encode_ordinary(text)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.encoding.decode(list(ids))
-
-
-def gpt2_tokenizer() -> GPT2Tokenizer:
-    """GPT-2's tokenizer (tiktoken downloads its two files once, or reads TIKTOKEN_CACHE_DIR)."""
-    return GPT2Tokenizer(tiktoken.get_encoding("gpt2"))
+from helpers.config import atomic_path, data_dir, file_lock
+from helpers.download import download_sms_spam
 
 
 # --- Parse, balance, label, split ---------------------------------------------------------------------
 
 LABELS = {"ham": 0, "spam": 1}
+LABEL_NAMES = tuple(sorted(LABELS, key=LABELS.get))  # index = class id: ("ham", "spam")
 SPLIT_NAMES = ("train", "validation", "test")
 
 
@@ -92,23 +70,22 @@ def random_split(df: pd.DataFrame, train_frac: float = 0.7, validation_frac: flo
 
 def splits_dir() -> Path:
     """Where the prepared train/validation/test CSVs live."""
-    from .config import data_dir
-
     return data_dir() / "sms_spam"
 
 
 def prepare_splits(seed: int = 123, folder: Path | None = None) -> dict[str, pd.DataFrame]:
-    """Download (verified) -> parse -> balance -> label -> split -> save CSVs. Returns the splits."""
-    from .download import download_sms_spam
+    """Download (verified) -> parse -> balance -> label -> split -> save CSVs. Returns the splits.
 
+    Each CSV is written atomically, and the three under one lock, so two runs at once never mix their files.
+    """
     folder = folder or splits_dir()
     folder.mkdir(parents=True, exist_ok=True)
     df = encode_labels(balance(read_sms_spam(download_sms_spam()), seed=seed))
     splits = random_split(df, seed=seed)
-    for name, part in splits.items():
-        tmp = folder / f".{name}.csv.tmp"
-        part.to_csv(tmp, index=False)
-        tmp.replace(folder / f"{name}.csv")
+    with file_lock(folder / "splits"):
+        for name, part in splits.items():
+            with atomic_path(folder / f"{name}.csv") as tmp:
+                part.to_csv(tmp, index=False)
     return splits
 
 

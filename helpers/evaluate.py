@@ -1,7 +1,11 @@
-"""Evaluate stage: predictions, confusion matrix, precision/recall/F1, plots, a baseline, ``classify``."""
+"""Evaluate stage: predictions, confusion matrix, precision/recall/F1, plots, a baseline, ``classify``.
+
+Notebook 05 draws the training curves (``plot_history``); notebook 06 teaches the rest. Accuracy itself is
+``helpers.train.calc_accuracy`` (one definition for the whole course).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -10,11 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import SpamDataset
-from .model import last_token_logits
-from .train import Batches
-
-LABEL_NAMES = ("ham", "spam")  # index = class id
+from helpers.data import LABEL_NAMES, LABELS, SpamDataset
+from helpers.fastpath import Batches
+from helpers.models.base import last_token_logits
 
 
 # --- Predictions and metrics ---------------------------------------------------------------------------
@@ -144,26 +146,50 @@ def bag_of_tokens_accuracy(model: BagOfTokens, dataset: SpamDataset) -> float:
 @dataclass(frozen=True)
 class Prediction:
     label: str
-    spam_probability: float
+    spam_probability: float  # probability of class 1 (``spam`` in the course's labels)
     tokens_used: int
     truncated: bool
+    probabilities: dict[str, float] = field(default_factory=dict)  # every label's probability
+
+
+def label_names(model: nn.Module) -> tuple[str, ...]:
+    """The class names of a classifier, by class id: those stored in its checkpoint, else ``("ham", "spam")``."""
+    labels = getattr(model, "labels", None) or LABELS
+    return tuple(sorted(labels, key=labels.get))
+
+
+def classify_max_length(model: nn.Module, max_length: int | None = None) -> int:
+    """How many tokens ``classify`` reads: ``max_length``, else the length the classifier was trained with
+    (stored in its checkpoint), else the model's context; never more than the context."""
+    if max_length is None:
+        max_length = getattr(model, "max_length", None) or model.cfg.context_length
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a whole number of tokens >= 1, got {max_length!r}; "
+                         "leave it out to use the length the classifier was trained with.")
+    return min(max_length, model.cfg.context_length)
 
 
 @torch.no_grad()
 def classify(model: nn.Module, text: str, max_length: int | None = None) -> Prediction:
-    """Label one text (``ham``/``spam``) with the spam probability, read at its last real token.
+    """Label one text with the classifier's label names and probabilities, read at its last real token.
 
-    Texts longer than ``max_length`` (default: the model's context length) keep their first tokens.
-    An empty text is read as a single end-of-text token.
+    Texts longer than ``max_length`` (default: the length the classifier was trained with, see
+    ``classify_max_length``) keep their first tokens. An empty text is read as a single end-of-text token.
+    Text the tokenizer cannot take (a lone surrogate; for SmolLM2 also control characters such as ``\x04``)
+    raises ``ValueError`` saying which character; tabs and line breaks are fine.
     """
     if not isinstance(text, str):
         raise TypeError(f"classify expects a string, got {type(text).__name__}")
-    limit = min(max_length or model.cfg.context_length, model.cfg.context_length)
+    limit = classify_max_length(model, max_length)
+    names = label_names(model)
     ids = model.tokenizer.encode(text) or [model.tokenizer.pad_id]
     truncated = len(ids) > limit
     ids = ids[:limit]
     device = next(model.parameters()).device
     model.eval()
     logits = last_token_logits(model, torch.tensor([ids], device=device), torch.tensor([len(ids)], device=device))
-    probs = torch.softmax(logits[0].float(), -1)
-    return Prediction(LABEL_NAMES[int(probs.argmax())], float(probs[1]), len(ids), truncated)
+    probs = torch.softmax(logits[0].float(), -1)  # [C]
+    if len(names) != len(probs):
+        raise ValueError(f"the classifier has {len(probs)} classes but {len(names)} label names {names}")
+    return Prediction(names[int(probs.argmax())], float(probs[1]), len(ids), truncated,
+                      {name: float(p) for name, p in zip(names, probs)})

@@ -1,33 +1,20 @@
-"""Train stage: loss and accuracy at the classification position, the training loop, checkpoints.
+"""Train stage: loss and accuracy at the classification position, and the training loop (notebook 05).
 
-Two ways to feed the model, with the same results (tests prove it within 1e-5):
-
-* **tokens** — batches of token ids padded to the batch's longest text; every step runs the whole model.
-* **cached** (the fast path) — when dropout is 0 and only the last ``k`` blocks train, the frozen part
-  (embeddings + the first ``n - k`` blocks) gives the same output for a text at every step. So we compute it
-  once per text (in length-sorted batches, so padding costs almost nothing), keep it in memory at each text's
-  real length, and train the last blocks on it.
-
-Either way the last block runs only at the classification position (``block.forward_last``).
+The batches come from ``helpers.fastpath`` (cached frozen blocks, or token ids): each ``Batches`` carries the
+function that turns its inputs into logits, so the code here is the same for both. Accuracy is computed
+here and only here (``calc_accuracy``; ``helpers.evaluate`` reuses it).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
-from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .data import SpamDataset, collate
-from .model import last_token_logits, logits_from_hidden
-
-Forward = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, inputs, lengths) -> logits
+from helpers.fastpath import Batches, Forward
 
 
 @dataclass
@@ -60,120 +47,6 @@ class History:
     fast_path: bool = False
 
 
-# --- Feeding the model ------------------------------------------------------------------------------
-
-def frozen_prefix(model: nn.Module) -> int:
-    """How many leading blocks (with the embeddings) are frozen and deterministic, i.e. cacheable.
-
-    0 means no cache is possible: some embedding or early parameter trains, or dropout is active.
-    """
-    if any(m.p > 0 for m in model.modules() if isinstance(m, nn.Dropout)):
-        return 0
-    if any(p.requires_grad for p in model.tok_emb.parameters()) or any(
-        p.requires_grad for name, p in model.named_parameters() if name.startswith("pos_emb")
-    ):
-        return 0
-    n = 0
-    for block in model.blocks[:-1]:  # the last block always runs (at one position)
-        if any(p.requires_grad for p in block.parameters()):
-            break
-        n += 1
-    return n
-
-
-@torch.no_grad()
-def cache_hidden(model: nn.Module, dataset: SpamDataset, n_blocks: int, batch_size: int = 32,
-                 progress: bool = True) -> list[torch.Tensor]:
-    """Output of embeddings + the first ``n_blocks`` blocks for every text, each ``[length, emb_dim]``.
-
-    Texts are processed in length-sorted batches (little padding); results are stored unpadded, in the
-    dataset's order, so training order and results are unaffected.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(dataset)), key=lambda i: len(dataset.encoded[i]))
-    hidden: list[torch.Tensor | None] = [None] * len(dataset)
-    for start in tqdm(range(0, len(order), batch_size), desc="caching frozen blocks", disable=not progress,
-                      leave=False):
-        chunk = order[start: start + batch_size]
-        ids, lengths, _ = collate([dataset[i] for i in chunk], dataset.pad_id)
-        x = model.embed(ids.to(device))
-        for block in model.blocks[:n_blocks]:
-            x = block(x)
-        for row, i in enumerate(chunk):
-            hidden[i] = x[row, : lengths[row]].cpu().clone()
-    model.train(was_training)
-    return hidden  # type: ignore[return-value]
-
-
-class CachedDataset(Dataset):
-    """Cached hidden states and labels, indexable like the ``SpamDataset`` they came from."""
-
-    def __init__(self, hidden: list[torch.Tensor], labels: list[int]) -> None:
-        self.hidden, self.labels = hidden, labels
-
-    def __len__(self) -> int:
-        return len(self.hidden)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.hidden[index], self.labels[index]
-
-
-def collate_hidden(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad cached hidden states with zeros (never seen by real tokens: the mask is causal)."""
-    lengths = torch.tensor([h.shape[0] for h, _ in items])
-    x = torch.zeros(len(items), int(lengths.max()), items[0][0].shape[1], dtype=items[0][0].dtype)
-    for row, (h, _) in enumerate(items):
-        x[row, : h.shape[0]] = h
-    return x, lengths, torch.tensor([label for _, label in items])
-
-
-@dataclass
-class Batches:
-    """A DataLoader plus the function that turns its inputs into logits."""
-
-    loader: DataLoader
-    forward: Forward
-    cached: bool
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        return iter(self.loader)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-
-def make_batches(model: nn.Module, dataset: SpamDataset, *, batch_size: int = 8, shuffle: bool = False,
-                 drop_last: bool = False, cache: bool = True, seed: int = 123, progress: bool = True) -> Batches:
-    """Batches for ``model``: cached hidden states when possible (and ``cache``), else token ids.
-
-    Shuffling uses a generator seeded with ``seed``, so both kinds visit texts in the same order.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    n_frozen = frozen_prefix(model) if cache else 0
-    if n_frozen:
-        source = CachedDataset(cache_hidden(model, dataset, n_frozen, progress=progress), dataset.labels)
-        loader = DataLoader(source, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                            generator=generator, collate_fn=collate_hidden)
-        return Batches(loader, partial(logits_from_hidden, first_block=n_frozen), cached=True)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator,
-                        collate_fn=partial(collate, pad_id=dataset.pad_id))
-    return Batches(loader, last_token_logits, cached=False)
-
-
-def split_batches(model: nn.Module, datasets: dict[str, SpamDataset], batch_size: int = 8, cache: bool = True,
-                  seed: int = 123) -> dict[str, Batches]:
-    """``make_batches`` for every split: training shuffled with ``drop_last``, the others in order."""
-    return {name: make_batches(model, ds, batch_size=batch_size, shuffle=name == "train", drop_last=name == "train",
-                               cache=cache, seed=seed) for name, ds in datasets.items()}
-
-
-def accuracies(model: nn.Module, batches: dict[str, Batches]) -> dict[str, float]:
-    """Accuracy on the whole of each split."""
-    return {name: calc_accuracy(model, split) for name, split in batches.items()}
-
-
 # --- Loss, accuracy, training --------------------------------------------------------------------------
 
 def _device(model: nn.Module) -> torch.device:
@@ -194,6 +67,11 @@ def calc_loss(model: nn.Module, batches: Batches, num_batches: int | None = None
     return sum(losses) / len(losses) if losses else float("nan")
 
 
+def accuracies(model: nn.Module, batches: dict[str, Batches]) -> dict[str, float]:
+    """Accuracy on the whole of each split (notebooks 05-08 report these)."""
+    return {name: calc_accuracy(model, split) for name, split in batches.items()}
+
+
 @torch.no_grad()
 def calc_accuracy(model: nn.Module, batches: Batches, num_batches: int | None = None) -> float:
     """Fraction of correct predictions over the first ``num_batches`` batches (all when None)."""
@@ -206,7 +84,7 @@ def calc_accuracy(model: nn.Module, batches: Batches, num_batches: int | None = 
     return correct / total if total else float("nan")
 
 
-def evaluate(model: nn.Module, train: Batches, val: Batches, num_batches: int) -> tuple[float, float]:
+def estimate_losses(model: nn.Module, train: Batches, val: Batches, num_batches: int) -> tuple[float, float]:
     """Train and validation loss on a few batches, in eval mode."""
     model.eval()
     losses = calc_loss(model, train, num_batches), calc_loss(model, val, num_batches)
@@ -239,7 +117,7 @@ def train_classifier(model: nn.Module, train: Batches, val: Batches, cfg: TrainC
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 if history.steps % cfg.eval_freq == 0:
-                    train_loss, val_loss = evaluate(model, train, val, cfg.eval_iter)
+                    train_loss, val_loss = estimate_losses(model, train, val, cfg.eval_iter)
                     history.train_losses.append(train_loss)
                     history.val_losses.append(val_loss)
                     history.eval_examples_seen.append(history.examples_seen)
@@ -256,57 +134,3 @@ def train_classifier(model: nn.Module, train: Batches, val: Batches, cfg: TrainC
 def history_dict(history: History) -> dict:
     """The history as plain JSON-able data."""
     return asdict(history)
-
-
-# --- Checkpoints -------------------------------------------------------------------------------------
-
-CHECKPOINT_FORMAT = "course-classifier-v1"
-
-
-class CheckpointError(ValueError):
-    """A classifier checkpoint is missing, unreadable or does not fit; the message says what to do."""
-
-
-def save_classifier(model: nn.Module, path: str | Path, labels: dict[str, int] | None = None) -> Path:
-    """Save weights + architecture + config + label map (tensors and plain values only), atomically."""
-    from .data import LABELS
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint = {
-        "format": CHECKPOINT_FORMAT,
-        "architecture": type(model).__name__,
-        "config": asdict(model.cfg),
-        "labels": dict(labels or LABELS),
-        "num_classes": model.out_head.out_features,
-        "state_dict": {name: t.detach().cpu() for name, t in model.state_dict().items()},
-    }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(path)
-    return path
-
-
-def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """A saved classifier in eval mode, loaded with ``weights_only=True`` (no arbitrary code runs)."""
-    from .model import add_classifier_head, build_model
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"No checkpoint at {path}. Train and save one first (notebook 05), or fix the path.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint ({type(exc).__name__}); "
-                              "it is damaged or not a checkpoint: save it again.") from exc
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a course classifier checkpoint (expected format {CHECKPOINT_FORMAT}).")
-    model = build_model(checkpoint["architecture"], checkpoint["config"])
-    add_classifier_head(model, num_classes=checkpoint["num_classes"], trainable_blocks=0)
-    try:
-        model.load_state_dict(checkpoint["state_dict"], strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not fit the {checkpoint['architecture']} it describes: "
-                              f"{str(exc).splitlines()[0]}") from exc
-    model.labels = checkpoint["labels"]
-    return model.to(device).eval()

@@ -97,7 +97,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("MPLBACKEND", "Agg")
     _prime_tiktoken()
     if "COURSE_MODEL" not in os.environ:
-        from checkpoints import make_gpt2_checkpoint
+        from hf_checkpoints import make_gpt2_checkpoint
 
         os.environ["COURSE_MODEL"] = str(make_gpt2_checkpoint(WORK / "tiny-gpt2"))
 
@@ -130,6 +130,6 @@ def tokenizer():
     """GPT-2's tokenizer, or a skip with the reason when its files are unavailable."""
     if not tokenizer_available():
         pytest.skip("GPT-2's tokenizer files are neither cached nor downloadable")
-    from helpers.data import gpt2_tokenizer
+    from helpers.models.gpt2 import gpt2_tokenizer
 
     return gpt2_tokenizer()

@@ -33,8 +33,29 @@ def test_environment_yml_matches_requirements():
     assert pip_pins() == conda_pins(), "requirements.txt and environment.yml list different packages or versions"
 
 
-def test_torch_is_pinned_exactly():
-    assert pip_pins()["torch"] == "2.13.0", "a bare or ranged torch pulls a multi-GB CUDA build"
+def test_torch_is_pinned_exactly_and_installed():
+    pin = pip_pins()["torch"]  # the pin file is the source of the version
+    assert re.fullmatch(r"\d+\.\d+\.\d+", pin), f"torch=={pin}: pin a full version (a range can pull a CUDA build)"
+    import torch
+
+    assert torch.__version__.split("+")[0] == pin, f"installed torch {torch.__version__}, requirements.txt pins {pin}"
+
+
+def test_every_imported_package_is_pinned():
+    """The third-party packages helpers/ imports are pinned in requirements.txt (their import names are
+    their PyPI names)."""
+    import ast
+    import sys
+
+    imported = set()
+    for path in (ROOT / "helpers").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"helpers"}
+    assert third_party - set(pip_pins()) == set(), "pin these in requirements.txt and environment.yml"
 
 
 def test_notebooks_are_committed_without_outputs():

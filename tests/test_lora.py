@@ -1,7 +1,8 @@
-"""LoRA, NF4 and adapter files (helpers/lora.py): offline, small models, a few seconds."""
+"""LoRA (helpers/lora.py), NF4 (helpers/nf4.py) and adapter files (helpers/checkpoints.py): offline, small models."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -10,11 +11,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from helpers.checkpoints import load_adapters, save_adapters
 from helpers.lora import (
-    NF4_CODE, NF4_MAX_HALF_GAP, AdapterFileError, LoRALinear, NF4Linear, apply_lora, apply_qlora,
-    dequantize_nf4, expected_lora_params, load_adapters, lora_param_count, merge_lora, quantize_nf4,
-    save_adapters, target_linears, unmerge_lora, weight_memory,
+    LoRALinear, apply_lora, apply_qlora, expected_lora_params, lora_param_count, merge_lora, target_linears,
+    unmerge_lora, weight_memory,
 )
+from helpers.models.base import CheckpointError
+from helpers.nf4 import NF4_CODE, NF4_MAX_HALF_GAP, NF4Linear, dequantize_nf4, quantize_nf4
 
 D, CLASSES = 20, 2  # 20 * 20 = 400 weights: not a multiple of the NF4 block size 64
 
@@ -215,17 +218,17 @@ def test_adapters_round_trip_with_head(tmp_path, apply):
 def test_wrong_adapter_files_give_clear_errors(tmp_path):
     path = tmp_path / "a.safetensors"
     save_adapters(apply_lora(toy(), rank=4), path)
-    with pytest.raises(AdapterFileError, match="emb_dim=20.*emb_dim=24"):
+    with pytest.raises(CheckpointError, match="emb_dim=20.*emb_dim=24"):
         load_adapters(toy(d=24, classes=None), path)
 
     other = tmp_path / "weights.safetensors"
     save_file({"x": torch.zeros(2)}, str(other))
-    with pytest.raises(AdapterFileError, match="not a LoRA adapter file"):
+    with pytest.raises(CheckpointError, match="not a LoRA adapter file"):
         load_adapters(toy(classes=None), other)
 
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
-    with pytest.raises(AdapterFileError, match="not a safetensors file"):
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
         load_adapters(toy(classes=None), garbage)
 
     # same metadata, but a tensor of the wrong shape (e.g. a base model with a different MLP width)
@@ -233,18 +236,18 @@ def test_wrong_adapter_files_give_clear_errors(tmp_path):
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     tensors["blocks.0.ff.0.A"] = torch.zeros(4, D + 1)
     save_file(tensors, str(other), metadata=meta)
-    with pytest.raises(AdapterFileError, match=r"blocks.0.ff.0.A: file \(4, 21\) vs model \(4, 20\)"):
+    with pytest.raises(CheckpointError, match=r"blocks.0.ff.0.A: file \(4, 21\) vs model \(4, 20\)"):
         load_adapters(toy(classes=None), other)
 
     with pytest.raises(ValueError, match="no LoRA layers"):
         save_adapters(toy(), path)
 
 
-# --- A tiny random GPT-2 (once helpers/model.py exists) -----------------------------------------------
+# --- A tiny random GPT-2 -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("apply", [apply_lora, apply_qlora])
 def test_tiny_gpt2(tmp_path, apply):
-    gpt2 = pytest.importorskip("helpers.model")
+    from helpers.models import base, gpt2
     cfg = gpt2.GPT2Config(vocab_size=100, context_length=64, emb_dim=32, n_heads=2, n_layers=2)
 
     def fresh() -> nn.Module:
@@ -253,18 +256,48 @@ def test_tiny_gpt2(tmp_path, apply):
 
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
     lengths = torch.tensor([9, 5])
-    model = apply(gpt2.add_classifier_head(fresh()), rank=4, alpha=8)
+    model = apply(base.add_classifier_head(fresh()), rank=4, alpha=8)
     pairs = [(m.in_features, m.out_features) for m in target_linears(fresh()).values()]
     assert len(pairs) == 2 * 6 and lora_param_count(model) == expected_lora_params(pairs, 4)
-    assert gpt2.count_params(model, trainable_only=True) == lora_param_count(model) + 32 * 2 + 2
-    before = gpt2.last_token_logits(model, ids, lengths)
+    assert base.count_params(model, trainable_only=True) == lora_param_count(model) + 32 * 2 + 2
+    before = base.last_token_logits(model, ids, lengths)
     perturb_b(model)
-    after = gpt2.last_token_logits(model, ids, lengths)  # through block.forward_last
+    after = base.last_token_logits(model, ids, lengths)  # through block.forward_last
     assert (after - before).abs().max() > 1e-4
     torch.testing.assert_close(after, model(ids)[torch.arange(2), lengths - 1], atol=1e-5, rtol=0)
 
     size = save_adapters(model, tmp_path / "gpt2.safetensors")
     reloaded = load_adapters(fresh(), tmp_path / "gpt2.safetensors")
-    torch.testing.assert_close(gpt2.last_token_logits(reloaded, ids, lengths), after, atol=0, rtol=0)
+    torch.testing.assert_close(base.last_token_logits(reloaded, ids, lengths), after, atol=0, rtol=0)
     assert size < 64 * 1024
     assert len(target_linears(fresh(), ["W_query", "W_value"])) == 4
+
+
+# --- QLoRA's memory: no fp32 weight kept for backward --------------------------------------------------
+
+def test_nf4_linear_keeps_only_the_packed_weight_for_backward():
+    linear = nn.Linear(64, 192)
+    layer = NF4Linear(linear)
+    x = torch.randn(5, 64, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    saved_bytes = sum(t.numel() * t.element_size() for t in saved)
+    assert saved_bytes <= layer.packed.numel() + 4 * layer.absmax.numel()  # 4-bit codes + scales, no fp32 weight
+    weight = dequantize_nf4(quantize_nf4(linear.weight))
+    grad_out = torch.randn(5, 192)
+    y.backward(grad_out)
+    torch.testing.assert_close(x.grad, grad_out @ weight)  # dequantized again in backward
+    torch.testing.assert_close(y, nn.functional.linear(x, weight, linear.bias))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resetting the peak RSS needs Linux /proc")
+def test_qlora_trains_in_less_memory_than_lora_on_124m_shapes():
+    """Peak RSS of a few training steps after the model is built, one subprocess per method (helpers.memory).
+    GPT-2 124M shapes: on tiny models the weights are too small for the difference to show."""
+    from helpers.memory import training_peak_rss
+
+    lora, qlora = (training_peak_rss(method, steps=1, seq_len=64) for method in ("lora", "qlora"))
+    print(f"training peak RSS: LoRA {lora / 2**30:.2f} GiB, QLoRA {qlora / 2**30:.2f} GiB")
+    assert qlora < lora - 100 * 2**20  # at least 100 MiB less

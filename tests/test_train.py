@@ -1,24 +1,29 @@
-"""helpers.train and helpers.evaluate: the cached fast path is exact; training learns; checkpoints."""
+"""helpers.fastpath, helpers.train, helpers.evaluate: the cached fast path is exact and never stale; training
+learns; metrics; ``classify``."""
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 import torch
 
-from helpers import data, evaluate, train
-from helpers.model import GPT2Config, GPT2Model, add_classifier_head, last_token_logits, set_seed
+from agreement import assert_paths_agree
+from helpers import data, evaluate, fastpath, train
+from helpers.models.base import add_classifier_head, last_token_logits, set_seed
+from helpers.models.gpt2 import GPT2Config, GPT2Model, gpt2_tokenizer
 
 pytestmark = pytest.mark.needs_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    from helpers.data import gpt2_tokenizer
-
-    set_seed(0)
-    model = GPT2Model(GPT2Config(vocab_size=50257, context_length=256, emb_dim=32, n_heads=2, n_layers=3))
+def tiny_gpt2(n_layers: int = 3, seed: int = 0) -> GPT2Model:
+    set_seed(seed)
+    model = GPT2Model(GPT2Config(vocab_size=50257, context_length=256, emb_dim=32, n_heads=2, n_layers=n_layers))
     model.tokenizer = gpt2_tokenizer()
     return add_classifier_head(model, trainable_blocks=1).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return tiny_gpt2()
 
 
 @pytest.fixture(scope="module")
@@ -30,29 +35,8 @@ def dataset(tiny_model):
     return data.SpamDataset(df, tiny_model.tokenizer)
 
 
-def grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def test_cached_path_equals_token_path(tiny_model, dataset):
-    token = train.make_batches(tiny_model, dataset, batch_size=4, cache=False, progress=False)
-    cached = train.make_batches(tiny_model, dataset, batch_size=4, cache=True, progress=False)
-    assert cached.cached and not token.cached
-    for batch_t, batch_c in zip(token, cached, strict=True):
-        assert torch.equal(batch_t[1], batch_c[1]) and torch.equal(batch_t[2], batch_c[2])
-        logits_t = token.forward(tiny_model, batch_t[0], batch_t[1])
-        logits_c = cached.forward(tiny_model, batch_c[0], batch_c[1])
-        torch.testing.assert_close(logits_c, logits_t, atol=1e-5, rtol=0)
-        tiny_model.zero_grad()
-        loss_t = train.batch_loss(tiny_model, token.forward, batch_t)
-        loss_t.backward()
-        grads_t = grads(tiny_model)
-        tiny_model.zero_grad()
-        loss_c = train.batch_loss(tiny_model, cached.forward, batch_c)
-        loss_c.backward()
-        assert abs(loss_c.item() - loss_t.item()) < 1e-5
-        for name, g in grads(tiny_model).items():
-            torch.testing.assert_close(g, grads_t[name], atol=1e-5, rtol=0, msg=name)
+    assert_paths_agree(tiny_model, dataset, atol=1e-5)
 
 
 def test_token_path_equals_full_forward_with_fixed_padding(tiny_model, dataset):
@@ -62,27 +46,47 @@ def test_token_path_equals_full_forward_with_fixed_padding(tiny_model, dataset):
 
 
 def test_no_cache_when_dropout_or_early_blocks_train(tiny_model, dataset):
-    assert train.frozen_prefix(tiny_model) == 2
+    assert fastpath.frozen_prefix(tiny_model) == 2
     for p in tiny_model.blocks[0].parameters():
         p.requires_grad_(True)
     try:
-        assert train.frozen_prefix(tiny_model) == 0
-        assert not train.make_batches(tiny_model, dataset, progress=False).cached
+        assert fastpath.frozen_prefix(tiny_model) == 0
+        assert not fastpath.make_batches(tiny_model, dataset, progress=False).cached
     finally:
         for p in tiny_model.blocks[0].parameters():
             p.requires_grad_(False)
 
 
-def test_training_learns_and_both_paths_agree(dataset):
-    from helpers.data import gpt2_tokenizer
+def test_a_block_unfrozen_after_caching_is_an_error(dataset):
+    model = tiny_gpt2()
+    batches = fastpath.make_batches(model, dataset, batch_size=4, progress=False)
+    assert batches.cached and train.calc_loss(model, batches) > 0  # the cache holds: no error
+    model.blocks[1].requires_grad_(True)  # would get no gradient: its output is cached
+    for run in (lambda: train.calc_loss(model, batches), lambda: train.calc_accuracy(model, batches),
+                lambda: train.train_classifier(model, batches, batches, train.TrainConfig(epochs=1), progress=False),
+                lambda: evaluate.predict(model, batches)):
+        with pytest.raises(fastpath.StaleCacheError, match=r"blocks\.1\..* was unfrozen after the batches cached"):
+            run()
 
+
+def test_a_frozen_weight_changed_after_caching_is_an_error(dataset):
+    model = tiny_gpt2()
+    batches = fastpath.make_batches(model, dataset, batch_size=4, progress=False)
+    with torch.no_grad():
+        model.tok_emb.weight[0] += 1.0  # e.g. loading other weights into the same model
+    with pytest.raises(fastpath.StaleCacheError, match="tok_emb.weight changed after the batches cached"):
+        train.calc_accuracy(model, batches)
+    with pytest.raises(fastpath.StaleCacheError, match="not the parameter the cached batches were computed with"):
+        train.calc_loss(tiny_gpt2(seed=1), batches)  # another model
+    fresh = fastpath.make_batches(model, dataset, batch_size=4, progress=False)
+    assert train.calc_loss(model, fresh) > 0  # rebuilt: fine again
+
+
+def test_training_learns_and_both_paths_agree(dataset):
     def run(cache: bool):
-        set_seed(1)
-        model = GPT2Model(GPT2Config(vocab_size=50257, context_length=256, emb_dim=32, n_heads=2, n_layers=2))
-        model.tokenizer = gpt2_tokenizer()
-        add_classifier_head(model, trainable_blocks=1)
-        batches = train.make_batches(model, dataset, batch_size=4, shuffle=True, drop_last=True, cache=cache,
-                                     progress=False)
+        model = tiny_gpt2(n_layers=2, seed=1)
+        batches = fastpath.make_batches(model, dataset, batch_size=4, shuffle=True, drop_last=True, cache=cache,
+                                        progress=False)
         cfg = train.TrainConfig(epochs=15, lr=3e-3, eval_freq=5, eval_iter=2)
         return model, train.train_classifier(model, batches, batches, cfg, progress=False), batches
 
@@ -96,33 +100,37 @@ def test_training_learns_and_both_paths_agree(dataset):
         assert abs(a - b) < 1e-4
 
 
-def test_checkpoint_roundtrip_and_errors(tiny_model, tmp_path):
-    path = tmp_path / "classifier.pt"
-    train.save_classifier(tiny_model, path)
-    loaded = train.load_classifier(path)
-    ids = torch.tensor([[10, 20, 30, 40]])
-    torch.testing.assert_close(last_token_logits(loaded, ids, [4]), last_token_logits(tiny_model, ids, [4]),
-                               atol=0, rtol=0)
-    assert evaluate.classify(loaded, "hello") == evaluate.classify(tiny_model, "hello")
-    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(train.CheckpointError, match="cannot be read"):
-        train.load_classifier(tmp_path / "bad.pt")
-    torch.save({"format": "something else"}, tmp_path / "other.pt")
-    with pytest.raises(train.CheckpointError, match="not a course classifier"):
-        train.load_classifier(tmp_path / "other.pt")
-    with pytest.raises(train.CheckpointError, match="No checkpoint"):
-        train.load_classifier(tmp_path / "missing.pt")
-
-
-def test_classify_edge_cases(tiny_model):
+@torch.no_grad()
+def test_classify_reads_the_last_real_token_and_truncates(tiny_model):
+    tok = tiny_model.tokenizer
+    text = "Ça va? 今晚吃饭吗 😀 <|endoftext|>"
+    ids = tok.encode(text)
+    result = evaluate.classify(tiny_model, text)
+    probs = torch.softmax(last_token_logits(tiny_model, torch.tensor([ids]), [len(ids)])[0], -1)
+    assert result.tokens_used == len(ids) and not result.truncated
+    assert result.spam_probability == pytest.approx(float(probs[1]), abs=1e-6)
+    assert result.label == ("spam" if probs[1] > probs[0] else "ham")
+    assert result.probabilities == pytest.approx({"ham": float(probs[0]), "spam": float(probs[1])}, abs=1e-6)
     empty = evaluate.classify(tiny_model, "")
-    assert empty.tokens_used == 1 and 0.0 <= empty.spam_probability <= 1.0
+    assert empty.tokens_used == 1 and empty.spam_probability == pytest.approx(
+        float(torch.softmax(last_token_logits(tiny_model, torch.tensor([[tok.pad_id]]), [1])[0], -1)[1]), abs=1e-6)
     long = evaluate.classify(tiny_model, "win cash " * 1000)
-    assert long.truncated and long.tokens_used == tiny_model.cfg.context_length
-    unicode = evaluate.classify(tiny_model, "Ça va? 今晚吃饭吗 😀 <|endoftext|>")
-    assert unicode.label in evaluate.LABEL_NAMES and not unicode.truncated
+    assert long.truncated and long.tokens_used == tiny_model.cfg.context_length  # no trained length known
+    short = evaluate.classify(tiny_model, "win cash " * 1000, max_length=7)
+    assert short.truncated and short.tokens_used == 7
     with pytest.raises(TypeError):
         evaluate.classify(tiny_model, None)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_classify_rejects_a_bad_max_length(tiny_model, bad):
+    with pytest.raises(ValueError, match="max_length must be a whole number of tokens >= 1"):
+        evaluate.classify(tiny_model, "hello", max_length=bad)
+
+
+def test_classify_rejects_broken_text(tiny_model):
+    with pytest.raises(ValueError, match="lone surrogate"):
+        evaluate.classify(tiny_model, "cut emoji \ud83d here")
 
 
 def test_metrics_and_baseline(dataset):

