@@ -118,7 +118,7 @@ def smollm2_gguf() -> Path | None:
 
 def _seconds(name: str, default: float) -> float:
     """A positive number of seconds from the environment variable ``name`` (``default`` when unset or empty)."""
-    raw = os.environ.get(name, "").strip()
+    raw = _env(name)
     try:
         value = float(raw) if raw else default
     except ValueError:
@@ -155,7 +155,7 @@ def instruction_data_urls() -> list[str]:
 
 def instruction_data_sha256() -> str:
     """Its expected SHA-256: INSTRUCTION_DATA_SHA256 (only to test with another file) or the pinned file's."""
-    return (os.environ.get("INSTRUCTION_DATA_SHA256", "").strip() or INSTRUCTION_DATA_SHA256).lower()
+    return (_env("INSTRUCTION_DATA_SHA256") or INSTRUCTION_DATA_SHA256).lower()
 
 
 # --- Several processes (torchrun; helpers/distributed.py) -------------------------------------------------
@@ -176,7 +176,7 @@ class TorchrunEnv(NamedTuple):
 
 def torchrun_env() -> TorchrunEnv | None:
     """The variables ``torchrun`` sets for each process it starts, checked; None when none is set (plain ``python``)."""
-    raw = {name: os.environ.get(name, "").strip() for name in TORCHRUN_VARIABLES}
+    raw = {name: _env(name) for name in TORCHRUN_VARIABLES}
     if not any(raw.values()):
         return None
     hint = "torchrun sets them for every process it starts: launch with `torchrun --nproc_per_node=N ...`, or unset them."

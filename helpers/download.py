@@ -322,9 +322,9 @@ def download_sms_spam(urls: Sequence[str] | None = None, folder: Path | None = N
     and ``SMS_SPAM_SHA256`` (only for testing with a different file). A verified file already in the
     cache is used without any network access; a file there that fails the check is moved aside.
     """
-    urls = list(urls) if urls is not None else config.env_list("SMS_SPAM_URLS", SMS_SPAM_URLS)
+    urls = list(urls) if urls is not None else config.sms_spam_urls(SMS_SPAM_URLS)
     folder = Path(folder) if folder is not None else config.data_dir() / "sms_spam_collection"
-    expected = (sha256 or os.environ.get("SMS_SPAM_SHA256") or SMS_SPAM_SHA256).lower()
+    expected = (sha256 or config.sms_spam_sha256(SMS_SPAM_SHA256)).lower()
     target = folder / SMS_SPAM_MEMBER
     if reuse_cached(target, expected):
         return target

@@ -35,7 +35,7 @@ def test_colab_gets_the_missing_packages_pinned_and_keeps_its_torch(monkeypatch)
     ran = []
     commands = colab.setup_colab(ROOT, run=lambda command, check: ran.append(command), colab=lambda: True,
                                  installed=colab_has("numpy", "pandas", "matplotlib", "regex", "safetensors", "tqdm",
-                                                     "ipywidgets"))
+                                                     "ipywidgets", "tokenizers"))
     assert ran == commands and len(commands) == 3
     packages, smollm2, course = commands
     pins = colab.pinned_versions()

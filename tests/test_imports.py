@@ -11,8 +11,8 @@ import ast
 from pathlib import Path
 
 HELPERS = Path(__file__).resolve().parents[1] / "helpers"
-ORDER = ["config", "download", "data", "models", "fastpath", "train", "evaluate", "nf4", "lora", "checkpoints",
-         "memory"]
+ORDER = ["colab", "config", "download", "data", "own_data", "instruct_data", "models", "fastpath", "train",
+         "distributed", "evaluate", "nf4", "lora", "checkpoints", "memory"]
 MODELS_ORDER = ["base", "gpt2", "smollm2", "__init__"]
 
 

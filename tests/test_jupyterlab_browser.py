@@ -229,8 +229,8 @@ def test_classifier_widget_in_jupyterlab(tmp_path, monkeypatch, request, capsys)
         browser.close()
     finished = time.perf_counter()
 
-    from helpers import classify
-    from helpers.train import load_classifier
+    from helpers.checkpoints import load_classifier
+    from helpers.evaluate import classify
 
     expected = classify(load_classifier(checkpoint), MESSAGE)
     label = re.search(r"\b(spam|ham)\b", shown, re.IGNORECASE)
