@@ -79,12 +79,12 @@ def dequantize_nf4_plain(q: NF4Tensor) -> torch.Tensor:
 
 def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
     """``dequantize_nf4_plain``, fast: one lookup per *byte* in ``NF4_PAIRS`` gives both of its values (no
-    unpacking of nibbles), then one multiplication by the block scales. QLoRA runs it in every forward and
-    backward pass of every quantized layer."""
+    unpacking of nibbles), then one in-place multiplication by the block scales (no second weight-sized
+    tensor). QLoRA runs it in every forward and backward pass of every quantized layer."""
     numel = math.prod(q.shape)
-    pairs = F.embedding(q.packed.long(), NF4_PAIRS.to(q.packed.device))  # [bytes, 2]
-    values = _blocks(pairs.reshape(-1), q.block_size) * q.absmax[:, None]  # [n_blocks, block_size]
-    return values.reshape(-1)[:numel].reshape(q.shape)
+    pairs = NF4_PAIRS.to(q.packed.device).index_select(0, q.packed.int())  # [bytes, 2]
+    values = _blocks(pairs.view(-1), q.block_size).mul_(q.absmax[:, None])  # [n_blocks, block_size], in place
+    return values.view(-1)[:numel].view(q.shape)
 
 
 def nf4_error(w: torch.Tensor, q: NF4Tensor | None = None) -> dict[str, float]:

@@ -12,7 +12,7 @@ from agreement import assert_close, assert_packed_equals_padded, lora_classifier
 from helpers.data import collate_packed
 from helpers.instruct_data import IGNORE_INDEX, collate_instructions, prompt_and_targets
 from helpers.models import gpt2, smollm2
-from helpers.models.base import Packing, add_classifier_head, packed_hidden, packed_last_token_logits
+from helpers.models.base import Packing, add_classifier_head, attend, packed_hidden, packed_last_token_logits
 
 TINY_GPT2 = gpt2.GPT2Config(vocab_size=300, context_length=64, emb_dim=32, n_heads=2, n_layers=3)
 TINY_SMOLLM2 = smollm2.SmolLM2Config(emb_dim=32, n_layers=3, n_heads=4, n_kv_heads=2, context_length=64,
@@ -36,6 +36,9 @@ def test_packing_layout():
                              [0, 0, 1, 1, 1, 0],
                              [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
     assert packing.mask.shape == (1, 1, 6, 6) and torch.equal(packing.mask[0, 0], expected)
+    assert torch.equal(packing.rows(packing.ends), expected[packing.ends][None, None])
+    q, k, v = torch.randn(3, 1, 2, 6, 4).unbind()  # one row, 2 heads, 6 positions
+    torch.testing.assert_close(attend(q, k, v, packing), attend(q, k, v, packing.mask))  # per text = dense mask
     with pytest.raises(ValueError, match="one length >= 1 per text"):
         Packing.of([2, 0])
 
@@ -67,6 +70,10 @@ def test_packed_hidden_states_equal_each_text_alone(kind):
         packed = packed_hidden(model, ids, lengths)[0]  # [N, D]
         alone = torch.cat([model.forward_hidden(torch.tensor([t]))[0] for t in TEXTS])
     assert_close(packed, alone, "hidden states")
+    packing = Packing.of(lengths)
+    with torch.no_grad():  # from the output of block 0 (a frozen-prefix cache) on
+        x = model.blocks[0](model.embed(ids, packing.positions), packing.positions, packing.mask)
+        assert_close(packed_hidden(model, x, lengths, first_block=1)[0], alone, "hidden states from block 1")
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "smollm2"])

@@ -19,6 +19,7 @@ from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from helpers import config
@@ -39,8 +40,9 @@ class CausalLM(nn.Module):
     * ``block.forward_last(x, index, positions=None, attn_mask=None)``: the output [B, D] at one position per text.
 
     ``positions`` [R, T] is each token's position within its own text (default 0..T-1 in every row; GPT-2 reads
-    it in ``embed``, SmolLM2 in its rotary attention), ``attn_mask`` [R, 1, T, T] says which keys each query
-    sees (True = visible; default: causal), ``cache`` is a ``KVCache`` for generation.
+    it in ``embed``, SmolLM2 in its rotary attention), ``attn_mask`` says which keys each query sees (None:
+    causal; a boolean tensor [R, 1, T, T_keys], True = visible; a ``Packing``: causal within each packed text;
+    see ``attend``), ``cache`` is a ``KVCache`` for generation.
     """
 
     cfg: Any
@@ -50,8 +52,8 @@ class CausalLM(nn.Module):
         """Everything before block 0: token ids [R, T] -> hidden states [R, T, D]."""
         raise NotImplementedError
 
-    def forward_hidden(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
-                       attn_mask: torch.Tensor | None = None, cache: list[KVCache] | None = None) -> torch.Tensor:
+    def forward_hidden(self, ids: torch.Tensor, positions: torch.Tensor | None = None, attn_mask: Mask = None,
+                       cache: list[KVCache] | None = None) -> torch.Tensor:
         """Hidden states after the final norm [R, T, D] (``cache``: one ``KVCache`` per block)."""
         if cache is not None and attn_mask is None and cache[0].keys is not None:
             raise ValueError("With a filled KV cache, pass attn_mask: the new queries see the cached keys too.")
@@ -60,8 +62,8 @@ class CausalLM(nn.Module):
             x = block(x, positions, attn_mask, None if cache is None else cache[i])
         return self.final_norm(x)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, cache: list[KVCache] | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None, attn_mask: Mask = None,
+                cache: list[KVCache] | None = None) -> torch.Tensor:
         """Logits [R, T, vocab_size] (or [R, T, classes] once a classifier head replaced ``out_head``)."""
         return self.out_head(self.forward_hidden(ids, positions, attn_mask, cache))
 
@@ -97,23 +99,84 @@ def default_positions(x: torch.Tensor, positions: torch.Tensor | None) -> torch.
     return torch.arange(x.shape[1], device=x.device)[None] if positions is None else positions
 
 
-def select_last(t: torch.Tensor, index: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+@dataclass(frozen=True)
+class Packing:
+    """B texts one after another in one row of N = sum(lengths) tokens, with no padding anywhere (notebook 07).
+
+    ``positions`` [1, N] restart at 0 at every text (GPT-2's position embedding, SmolLM2's rotary angles).
+    Passed as ``attn_mask``, a ``Packing`` is the block-diagonal causal mask ``mask``: a token sees the earlier
+    tokens of its own text only, so every text gets exactly the outputs it would get alone. ``ends`` [B]: each
+    text's last column; ``text`` [N]: each token's text.
+    """
+
+    lengths: torch.Tensor  # [B]
+    positions: torch.Tensor  # [1, N]
+    ends: torch.Tensor  # [B]
+    text: torch.Tensor  # [N]
+
+    @classmethod
+    def of(cls, lengths: torch.Tensor | Sequence[int], device: torch.device | str | None = None) -> "Packing":
+        lengths = torch.as_tensor(lengths, dtype=torch.long, device=device)
+        if lengths.ndim != 1 or not len(lengths) or int(lengths.min()) < 1:
+            raise ValueError(f"A packed row needs one length >= 1 per text; got {lengths.tolist()}.")
+        text = torch.arange(len(lengths), device=lengths.device).repeat_interleave(lengths)  # [N]
+        ends = lengths.cumsum(0) - 1
+        positions = torch.arange(len(text), device=lengths.device) - (ends - lengths + 1)[text]
+        return cls(lengths, positions[None], ends, text)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The rows ``index`` of the mask, [1, 1, len(index), N] (True = may attend)."""
+        column = torch.arange(len(self.text), device=self.text.device)
+        return ((self.text[None, :] == self.text[index][:, None]) & (column[None, :] <= index[:, None]))[None, None]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The whole block-diagonal causal mask [1, 1, N, N], to look at: attention never builds it."""
+        return self.rows(torch.arange(len(self.text), device=self.text.device))
+
+    def check(self, x: torch.Tensor) -> None:
+        if x.shape[0] != 1 or x.shape[1] != len(self.text):
+            raise ValueError(f"A packed batch is one row of sum(lengths) = {len(self.text)} tokens; "
+                             f"got shape {tuple(x.shape)}. Build it with helpers.data.collate_packed.")
+
+
+Mask = torch.Tensor | Packing | None  # None: causal
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Mask = None,
+           dropout_p: float = 0.0) -> torch.Tensor:
+    """Scaled dot-product attention of q [R, H, Tq, hd] over k, v [R, H, Tk, hd] -> [R, H, Tq, hd].
+
+    ``attn_mask``: None = causal; a boolean tensor [R or 1, 1, Tq, Tk] (True = may attend); or a ``Packing``:
+    causal within each text of a packed row, computed as one causal call per text, which never computes the
+    scores between different texts (measured faster than the dense mask: ``benchmarks/model_speed.py attention``).
+    """
+    if isinstance(attn_mask, Packing):
+        lengths = attn_mask.lengths.tolist()
+        texts = zip(q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2))
+        return torch.cat([F.scaled_dot_product_attention(*qkv, is_causal=True, dropout_p=dropout_p) for qkv in texts],
+                         dim=2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                          dropout_p=dropout_p)
+
+
+def select_last(t: torch.Tensor, index: torch.Tensor, attn_mask: Mask) -> torch.Tensor:
     """``t`` [R, T, ...] at one position per text, shaped as attention queries.
 
     One text per row (``attn_mask`` None): row b at ``index[b]`` -> [B, 1, ...].
-    Packed (one row, ``attn_mask`` given): the columns ``index`` of the row -> [1, B, ...].
+    Packed (one row, ``attn_mask`` a ``Packing``): the columns ``index`` of the row -> [1, B, ...].
     """
     if attn_mask is None:
         return t[torch.arange(len(index), device=t.device), index][:, None]
     return t[:, index]
 
 
-def visible_from_last(index: torch.Tensor, width: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
-    """What the queries of ``select_last`` may see: [B, 1, 1, T] (row b: positions 0..index[b]), or the
-    rows ``index`` of the packed mask, [1, 1, B, N]."""
+def visible_from_last(index: torch.Tensor, width: int, attn_mask: Mask) -> torch.Tensor:
+    """What the queries of ``select_last`` may see: [B, 1, 1, T] (row b: positions 0..index[b]), or the rows
+    ``index`` of the packed mask, [1, 1, B, N]."""
     if attn_mask is None:
         return (torch.arange(width, device=index.device) <= index[:, None])[:, None, None, :]
-    return attn_mask[:, :, index]
+    return attn_mask.rows(index)
 
 
 # ----------------------------------------------------------------------------- checks every loader runs
@@ -236,7 +299,7 @@ def _check_lengths(lengths: torch.Tensor | Sequence[int], batch: int, width: int
 
 
 def _logits_at(model: nn.Module, x: torch.Tensor, index: torch.Tensor, first_block: int,
-               positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+               positions: torch.Tensor | None = None, attn_mask: Mask = None) -> torch.Tensor:
     """Blocks ``first_block``.. on ``x``, the last one only at ``index`` (``block.forward_last``) -> logits [B, C]."""
     for block in model.blocks[first_block:-1]:
         x = block(x, positions, attn_mask)
@@ -269,48 +332,22 @@ def last_token_logits(model: nn.Module, ids: torch.Tensor, lengths: torch.Tensor
 
 
 # ----------------------------------------------------------------------------- packing (notebook 07)
-@dataclass(frozen=True)
-class Packing:
-    """B texts one after another in one row of N = sum(lengths) tokens, with no padding anywhere.
+def packed_hidden(model: nn.Module, inputs: torch.Tensor, lengths: torch.Tensor | Sequence[int],
+                  first_block: int = 0) -> torch.Tensor:
+    """Hidden states after the final norm at every position of a packed row -> [1, N, D].
 
-    ``positions`` [1, N] restart at 0 at every text (GPT-2's position embedding, SmolLM2's rotary angles);
-    ``mask`` [1, 1, N, N] is block-diagonal and causal: a token sees the earlier tokens of its own text only,
-    so every text gets exactly the outputs it would get alone. ``ends`` [B]: each text's last column.
+    ``inputs``: token ids [1, N] (``helpers.data.collate_packed``), or the hidden states [1, N, D] that enter
+    block ``first_block`` (e.g. cached outputs of frozen blocks, one text after another). For token-level
+    losses (instruction tuning): text b occupies columns ``sum(lengths[:b])`` to ``sum(lengths[:b+1]) - 1``, so
+    each text's targets, concatenated, are the targets of the row. ``model.out_head`` of the result gives the
+    logits (apply it at the target positions only: the vocabulary is large).
     """
-
-    lengths: torch.Tensor  # [B]
-    positions: torch.Tensor  # [1, N]
-    mask: torch.Tensor  # [1, 1, N, N] bool, True = may attend
-    ends: torch.Tensor  # [B]
-
-    @classmethod
-    def of(cls, lengths: torch.Tensor | Sequence[int], device: torch.device | str | None = None) -> "Packing":
-        lengths = torch.as_tensor(lengths, dtype=torch.long, device=device)
-        if lengths.ndim != 1 or not len(lengths) or int(lengths.min()) < 1:
-            raise ValueError(f"A packed row needs one length >= 1 per text; got {lengths.tolist()}.")
-        text = torch.arange(len(lengths), device=lengths.device).repeat_interleave(lengths)  # [N]: each token's text
-        ends = lengths.cumsum(0) - 1
-        column = torch.arange(len(text), device=lengths.device)
-        positions = column - (ends - lengths + 1)[text]
-        mask = (text[:, None] == text[None, :]) & (column[:, None] >= column[None, :])
-        return cls(lengths, positions[None], mask[None, None], ends)
-
-    def check(self, x: torch.Tensor) -> None:
-        if x.shape[0] != 1 or x.shape[1] != self.positions.shape[1]:
-            raise ValueError(f"A packed batch is one row of sum(lengths) = {self.positions.shape[1]} tokens; "
-                             f"got shape {tuple(x.shape)}. Build it with helpers.data.collate_packed.")
-
-
-def packed_hidden(model: nn.Module, ids: torch.Tensor, lengths: torch.Tensor | Sequence[int]) -> torch.Tensor:
-    """Hidden states after the final norm at every position of a packed row: ids [1, N] -> [1, N, D].
-
-    For token-level losses (instruction tuning): text b occupies columns ``sum(lengths[:b])`` to
-    ``sum(lengths[:b+1]) - 1``, so concatenating each text's targets gives the targets of the row.
-    ``model.out_head`` of it gives the logits (apply it to the target positions only to save memory).
-    """
-    packing = Packing.of(lengths, ids.device)
-    packing.check(ids)
-    return model.forward_hidden(ids, packing.positions, packing.mask)
+    packing = Packing.of(lengths, inputs.device)
+    packing.check(inputs)
+    x = model.embed(inputs, packing.positions) if inputs.ndim == 2 else inputs
+    for block in model.blocks[first_block:]:
+        x = block(x, packing.positions, packing)
+    return model.final_norm(x)
 
 
 def packed_logits_from_hidden(model: nn.Module, x: torch.Tensor, lengths: torch.Tensor | Sequence[int],
@@ -318,7 +355,7 @@ def packed_logits_from_hidden(model: nn.Module, x: torch.Tensor, lengths: torch.
     """``logits_from_hidden`` for a packed row ``x`` [1, N, D] of texts of ``lengths`` [B] -> logits [B, C]."""
     packing = Packing.of(lengths, x.device)
     packing.check(x)
-    return _logits_at(model, x, packing.ends, first_block, packing.positions, packing.mask)
+    return _logits_at(model, x, packing.ends, first_block, packing.positions, packing)
 
 
 def packed_last_token_logits(model: nn.Module, ids: torch.Tensor, lengths: torch.Tensor | Sequence[int]
@@ -330,7 +367,7 @@ def packed_last_token_logits(model: nn.Module, ids: torch.Tensor, lengths: torch
     packing = Packing.of(lengths, ids.device)
     packing.check(ids)
     x = model.embed(ids, packing.positions)
-    return _logits_at(model, x, packing.ends, 0, packing.positions, packing.mask)
+    return _logits_at(model, x, packing.ends, 0, packing.positions, packing)
 
 
 # ----------------------------------------------------------------------------- generation (notebooks 04, 10)

@@ -26,8 +26,8 @@ from torch import nn
 from helpers import config
 from helpers.download import download_file
 from helpers.models.base import (
-    CausalLM, CheckpointError, KVCache, check_context, check_finite, check_text, default_positions, select_last,
-    visible_from_last,
+    CausalLM, CheckpointError, KVCache, Mask, attend, check_context, check_finite, check_text, default_positions,
+    select_last, visible_from_last,
 )
 
 DEFAULT_BASE_URL = "https://huggingface.co/openai-community"
@@ -124,17 +124,15 @@ class MultiHeadAttention(nn.Module):
         b, _, n, _ = t.shape
         return t.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """x [R, T, D] -> [R, T, D]; causal, or what ``attn_mask`` [R, 1, T, T_keys] allows (True = visible)."""
+    def forward(self, x: torch.Tensor, attn_mask: Mask = None, cache: KVCache | None = None) -> torch.Tensor:
+        """x [R, T, D] -> [R, T, D]; causal, or what ``attn_mask`` allows (``helpers.models.base.attend``)."""
         q, k, v = self._heads(self.W_query(x)), self._heads(self.W_key(x)), self._heads(self.W_value(x))
         if cache is not None:  # generation: the keys and values of earlier positions come from the cache
             k, v = cache.extend(k, v)
-        p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, dropout_p=p)
+        out = attend(q, k, v, attn_mask, self.dropout if self.training else 0.0)
         return self.out_proj(self._merge(out))
 
-    def forward_last(self, x: torch.Tensor, index: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_last(self, x: torch.Tensor, index: torch.Tensor, attn_mask: Mask = None) -> torch.Tensor:
         """Attention output [B, D] at one position per text only (``select_last``); keys/values from all of ``x``."""
         q = self._heads(self.W_query(select_last(x, index, attn_mask)))  # [B, heads, 1, hd] or [1, heads, B, hd]
         k, v = self._heads(self.W_key(x)), self._heads(self.W_value(x))
@@ -167,17 +165,17 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, attn_mask: Mask = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """x [R, T, D] -> [R, T, D] (``positions`` are not needed here: GPT-2 adds them in ``embed``)."""
         x = x + self.drop(self.attn(self.norm1(x), attn_mask, cache))
         return x + self.drop(self.ff(self.norm2(x)))
 
     def forward_last(self, x: torch.Tensor, index: torch.Tensor, positions: torch.Tensor | None = None,
-                     attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                     attn_mask: Mask = None) -> torch.Tensor:
         """``self(x, positions, attn_mask)`` at one position per text, [B, D]: the query, MLP etc. run only there.
 
-        One text per row: row b at ``index[b]``. Packed (``attn_mask`` given): columns ``index`` of the one row.
+        One text per row: row b at ``index[b]``. Packed (``attn_mask`` a ``Packing``): columns ``index`` of the row.
         """
         index = torch.as_tensor(index, dtype=torch.long, device=x.device)
         h = select_last(x, index, attn_mask).reshape(len(index), -1)

