@@ -7,6 +7,7 @@
 | COURSE_PROFILE    | full                            | ``smoke`` = tiny fast run used by the tests    |
 | COURSE_MODEL      | gpt2                            | preset name or a folder with a checkpoint      |
 | SMS_SPAM_URLS     | UCI, then two mirrors           | comma-separated URLs, tried in order           |
+| COURSE_VERBOSE    | 0                               | ``1``: ``make run`` shows every message        |
 """
 from __future__ import annotations
 
@@ -85,3 +86,8 @@ def read_metrics(path: Path | None = None) -> dict[str, Any]:
     """The metrics recorded so far (empty when none)."""
     path = path or output_dir() / "metrics.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def verbose() -> bool:
+    """True when COURSE_VERBOSE is 1/true/yes/on: ``make run`` shows every kernel message and warning."""
+    return os.environ.get("COURSE_VERBOSE", "").strip().lower() in ("1", "true", "yes", "on")
