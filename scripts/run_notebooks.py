@@ -83,9 +83,10 @@ def download_hint(model: str) -> str:
     """The way forward for the whole course when a download fails."""
     lines = ["A download failed (its own message is above)."]
     if model != PORTABLE_MODEL:
-        lines += ["On a machine that cannot reach the model hub, run the whole course with the model that comes "
+        lines += ["If this machine cannot reach the model hub, run the whole course with the model that comes "
                   "with pip:", f"      COURSE_MODEL={PORTABLE_MODEL} make run"]
-    lines.append('To place the files by hand instead, see "Working offline" in README.md; then run make run again.')
+    lines.append('For the data set or GPT-2\'s tokenizer, or to place files by hand, see "Working offline" in '
+                 "README.md.")
     return "\n  ".join(lines)
 
 
