@@ -177,11 +177,12 @@ def print_summary(output_dir: Path, write_html: bool, source_dir: Path) -> None:
     print(f"\nSummary{smoke}\n" + (summary.text_table(rows) if rows else "  no notebook has run yet"))
     if unlisted := summary.unlisted_sections(metrics):
         print(f"  also in metrics.json: {', '.join(unlisted)}")
-    files = [(executed_dir, "executed notebooks (.ipynb, and .html pages)"),
-             (output_dir / "metrics.json", "every value the notebooks measured"),
-             (output_dir / "*.png", "figures the notebooks saved")]
-    files = [(path, what) for path, what in files if path.exists() or any(output_dir.glob(path.name))]
+    files = [(path, what) for path, what, present in (
+        (executed_dir, "executed notebooks (.ipynb, and .html pages)", executed_dir.is_dir()),
+        (output_dir / "metrics.json", "every value the notebooks measured", bool(metrics)),
+        (output_dir / "*.png", "figures the notebooks saved", any(output_dir.glob("*.png")))) if present]
     if write_html:
+        print("\nWriting the course report ...", flush=True)
         latest = max(records.values(), key=lambda record: record.get("finished", ""), default={})
         env = latest.get("environment") or report.environment(ROOT, config.profile(), config.model_name())
         index = report.write_report(output_dir, source_dir, rows, metrics, env)

@@ -181,7 +181,9 @@ def test_progress_log_mode_shows_sections_bars_and_warnings_once():
     display.start("05_x", notebook, (100.0, "README"), 50.0)
     display.cell_started(1)
     display.bar("training:  50% █████      3/6 [00:01<00:01]")  # not printed: not finished, not 30 s yet
+    display.bar("training: 100% █████████▌ 5/6 [00:02<00:00]")  # tqdm updates its parts one by one
     display.bar("training: 100% ██████████ 6/6 [00:02<00:00]")
+    display.bar("training: 100% ██████████ 6/6 [00:02<00:00, loss=0.7]")  # finished: shown once
     display.stream("stderr", "/tmp/ipykernel_123/456.py:4: UserWarning: careful\n  warn('careful')\n")
     display.stream("stderr", "\rcaching:  10%|█         | 1/10 [00:00<?, ?it/s]")  # text-mode tqdm: a bar
     assert display.bar_text == "caching: 10% 1/10 [00:00<?, ?it/s]"
@@ -192,7 +194,8 @@ def test_progress_log_mode_shows_sections_bars_and_warnings_once():
     text = out.getvalue()
     assert "▶ 05_x (usually ~1 min 40 s: README)" in text
     assert "cell 1/2 · Training" in text and "cell 2/2 · Final accuracy" in text
-    assert "training: 100% 6/6 [00:02<00:00]" in text and "3/6" not in text
+    assert "training: 100% 6/6 [00:02<00:00]" in text and "3/6" not in text and "5/6" not in text
+    assert text.count("6/6") == 1
     assert text.count("UserWarning: careful") == 1, "a warning is shown once per run"
     assert "ipykernel_" not in text and "printed by the cell" not in text
     assert text.rstrip().endswith("✓ 05_x  2 s")

@@ -26,6 +26,7 @@ BAR_EVERY_S = 30.0  # log mode: how often a running tqdm bar is printed
 QUIET_EVERY_S = 60.0  # log mode: a "still running" line after this long without output
 REDRAW_EVERY_S = 0.1  # terminal: at most ten redraws a second
 BAR_GLYPHS = re.compile(r"\|[█▏▎▍▌▋▊▉ ]*\||[█▏▎▍▌▋▊▉]+")  # a drawn bar, as tqdm's widget or its text
+BAR_COUNT = re.compile(r"\b(\d+)/(\d+) ")  # tqdm's "260/650 "
 TQDM_LINE = re.compile(r"\d+%\||\d+/\d+ \[|it/s\]|s/it\]")  # text-mode tqdm output
 KERNEL_CELL_PATH = re.compile(r"\S*ipykernel_\d+[/\\]\d+\.py:\d+: ")  # where a warning came from: a cell
 UNITS = {"s": 1, "sec": 1, "min": 60, "h": 3600}
@@ -128,7 +129,7 @@ class Progress:
         self._lock = threading.RLock()
         self._shown = 0  # characters of the status line on screen (live mode)
         self._seen: set[str] = set()  # messages shown once per run
-        self._last_bar_line = ""
+        self._finished_bar = ""  # the bar last seen at n/n (its final state is printed once)
         self._last_draw = 0.0
         self.name, self.headings, self.order = "", {}, {}  # the running notebook; its sections; cell numbers
         self.cell, self.heading, self.bar_text = 0, "", ""
@@ -164,10 +165,15 @@ class Progress:
         with self._lock:
             self.bar_text = " ".join(BAR_GLYPHS.sub(" ", text).split())  # its percentage says enough
             now = time.monotonic()
-            due = "100%" in text or now - self._last_bar_print >= BAR_EVERY_S
-            if not self.live and due and self.bar_text != self._last_bar_line:
-                self._last_bar_print, self._last_bar_line = now, self.bar_text
+            count = BAR_COUNT.search(self.bar_text)
+            finished = bool(count) and count[1] == count[2]
+            name = self.bar_text.split(":")[0]
+            due = (finished and self._finished_bar != name) or \
+                (not finished and now - self._last_bar_print >= BAR_EVERY_S)
+            if not self.live and due:
+                self._last_bar_print = now
                 self._print(f"      {self.bar_text}")
+            self._finished_bar = name if finished else ""
             self._redraw()
 
     def stream(self, name: str, text: str) -> None:
