@@ -169,7 +169,7 @@ class Progress:
             finished = bool(count) and count[1] == count[2]
             name = self.bar_text.split(":")[0]
             due = (finished and self._finished_bar != name) or \
-                (not finished and now - self._last_bar_print >= BAR_EVERY_S)
+                (bool(count) and not finished and now - self._last_bar_print >= BAR_EVERY_S)
             if not self.live and due:
                 self._last_bar_print = now
                 self._print(f"      {self.bar_text}")
