@@ -168,7 +168,8 @@ def test_expected_times_prefer_this_machine_and_fit_the_readme_conditions():
                 "06_y": {"status": "failed", "seconds": 3.0, "profile": "smoke", "model": "gpt2"}}
     assert progress.expected_times(["05_x"], readme, previous, "full", "gpt2") == \
         {"05_x": (80.0, "this machine's last run")}
-    assert progress.expected_times(["05_x"], readme, {}, "full", "gpt2") == {"05_x": (104.0, "README, reference machine")}
+    assert progress.expected_times(["05_x"], readme, {}, "full", "gpt2") == \
+        {"05_x": (104.0, "README, reference machine")}
     assert progress.expected_times(["05_x", "06_y"], readme, previous, "smoke", "gpt2") == {}  # no smoke figures
 
 
@@ -327,8 +328,12 @@ def test_report_links_images_and_no_network(course: tuple[Path, Path]):
     assert "torch" in page and env["python"] in page and "smoke" in page  # the environment
     index_page = Page(index)
     assert sorted(index_page.images) == ["02-class-balance.png", "notebooks/figures/01_first-cell01-1.png"]
-    assert "notebooks/01_first.html#cell-id=" + nbformat.read(output_dir / "notebooks" / "01_first.ipynb", 4).cells[1].id \
-        in index_page.links
+    (output_dir / "01-first-saved.png").write_bytes(tiny_png())  # saved by a notebook that shows figures:
+    report.write_report(output_dir, source, rows, SAMPLE_METRICS, env)  # a link, not a second card
+    assert "01-first-saved.png" in Page(index).links and "01-first-saved.png" not in Page(index).images
+    assert report_problems(output_dir) == []
+    figure_cell = nbformat.read(output_dir / "notebooks" / "01_first.ipynb", as_version=4).cells[1]
+    assert f"notebooks/01_first.html#cell-id={figure_cell.id}" in index_page.links  # a figure opens its cell
     first = (output_dir / "notebooks" / "01_first.html").read_text()
     assert "training: 100% ██████████ 6/6 [00:02&lt;00:00]" in first, "a widget shows its last state as text"
     assert widgets.WIDGET_VIEW not in first and "require.js" not in first and "mathjax" not in first.lower()
@@ -458,9 +463,10 @@ def test_real_notebooks_01_to_03_give_a_complete_offline_report(course: tuple[Pa
     assert report_problems(output_dir) == []
     pages = sorted(path.name for path in (output_dir / "notebooks").glob("*.html"))
     assert pages == [path.stem + ".html" for path in sorted((ROOT / "notebooks").glob("0[1-3]_*.ipynb"))]
-    figures = Page(output_dir / "index.html").images
-    assert any(src.startswith("notebooks/figures/01_") for src in figures)  # figures inside a notebook
-    assert any(re.fullmatch(r"0[23]_[^/]+\.png", src) for src in figures)  # figures saved in outputs/
+    index = Page(output_dir / "index.html")
+    assert any(src.startswith("notebooks/figures/01_") for src in index.images)  # figures inside a notebook
+    saved = sorted(path.name for path in output_dir.glob("0[23]_*.png"))
+    assert saved and all(name in index.images + index.links for name in saved)  # figures saved in outputs/
 
 
 def test_verbose_setting_is_read_in_config_and_documented(monkeypatch: pytest.MonkeyPatch):

@@ -38,6 +38,7 @@ OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
 {% block html_head_js_mermaidjs %}{% endblock %}
 {% block jupyter_widgets %}{% endblock %}
 """
+ENVIRONMENT_ORDER = ("started", "profile", "model", "device", "cpu", "memory", "python", "platform", "commit")
 IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpg", "image/svg+xml": "svg"}
 FIGURE_FILES = ("*.png", "*.jpg", "*.jpeg", "*.svg")
 MARKDOWN_TARGET = re.compile(r"(\]\(\s*<?|\b(?:src|href)=[\"'])([^)\s\"'>]+)")
@@ -238,7 +239,7 @@ def environment(root: Path, profile: str, model: str) -> dict[str, Any]:
             versions[name] = "not installed"
     memory = _memory_bytes()
     return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "profile": profile,
         "model": model,
         "python": platform.python_version(),
@@ -284,42 +285,81 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _card(figure: Figure, output_dir: Path) -> str:
+    src = html.escape(figure.file.relative_to(output_dir).as_posix())
+    target = html.escape("notebooks/" + figure.link) if figure.link else src
+    caption = html.escape(figure.caption)
+    return (f'<figure><a href="{target}"><img src="{src}" alt="{caption}" loading="lazy"></a>'
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
 def _gallery(figures: list[Figure], output_dir: Path) -> str:
-    """Figure cards, grouped by notebook, each linking to its cell (or to the file itself)."""
-    groups: dict[str, list[str]] = {}
+    """Figure cards grouped by notebook, each linking to its cell.
+
+    A notebook usually shows the figures it saves, so when it has figures inside, its saved files are
+    listed as links rather than shown twice; otherwise the files are the cards.
+    """
+    groups: dict[str, list[Figure]] = {}
     for figure in figures:
-        src = html.escape(figure.file.relative_to(output_dir).as_posix())
-        target = html.escape("notebooks/" + figure.link) if figure.link else src
-        groups.setdefault(figure.notebook or "other figures", []).append(
-            f'<figure><a href="{target}"><img src="{src}" alt="{html.escape(figure.caption)}" loading="lazy"></a>'
-            f"<figcaption>{html.escape(figure.caption)}</figcaption></figure>")
-    return "".join(f'<h3>{html.escape(name)}</h3><div class="gallery">{"".join(cards)}</div>'
-                   for name, cards in groups.items()) or "<p>No figures yet.</p>"
+        groups.setdefault(figure.notebook or "other figures", []).append(figure)
+    parts = []
+    for name, members in groups.items():
+        inside = [figure for figure in members if figure.link]
+        files = [figure for figure in members if not figure.link]
+        cards = "".join(_card(figure, output_dir) for figure in (inside or files))
+        parts.append(f'<h3>{html.escape(name)}</h3><div class="gallery">{cards}</div>')
+        if inside and files:
+            links = " · ".join(f'<a href="{html.escape(f.file.relative_to(output_dir).as_posix())}">'
+                               f"{html.escape(f.file.name)}</a>" for f in files)
+            parts.append(f"<p><small>Saved as files: {links}</small></p>")
+    return "".join(parts) or "<p>No figures yet.</p>"
+
+
+def _notebooks_section(rows: list[Row], pages: dict[str, str]) -> str:
+    """The summary table: each notebook's page and .ipynb, status, time, key results, profile and model."""
+    if not rows:
+        return "<p>No notebook has run yet: <code>make run</code>.</p>"
+    esc, table_rows = html.escape, []
+    for row in rows:
+        name = f'<a href="notebooks/{esc(pages[row.name])}">{esc(row.name)}</a>' if row.name in pages else esc(row.name)
+        copy = f'<small><a href="notebooks/{esc(row.name)}.ipynb">.ipynb</a></small>'
+        status = esc(row.status or "?")
+        details = "<br>".join(esc(result) for result in row.results or [row.problem or "—"])
+        setup = esc(", ".join(part for part in (row.profile, row.model) if part))
+        table_rows.append([f"<td>{name}<br>{copy}</td>", f'<td class="{status}">{status}</td>',
+                           f'<td class="time">{esc(row.time)}</td>', f"<td>{details}</td>",
+                           f"<td><small>{setup}</small></td>"])
+    smoke = any(row.profile == "smoke" for row in rows)
+    note = ('<p class="note">Run in the <code>smoke</code> profile: a few training steps on tiny data, so the '
+            "accuracies say nothing about the method. Run <code>make run</code> for the real figures.</p>")
+    return (note if smoke else "") + _table(["notebook", "status", "time", "key result", "profile, model"], table_rows)
+
+
+def _metrics_section(output_dir: Path, metrics: dict[str, Any]) -> str:
+    """Every value of metrics.json, one row each."""
+    if not (output_dir / "metrics.json").is_file():
+        return "<p>No metrics recorded yet.</p>"
+    unlisted = unlisted_sections(metrics)
+    also = f" The summary above does not show {html.escape(', '.join(unlisted))} yet." if unlisted else ""
+    rows = [[f"<td><code>{html.escape(path)}</code></td>", f"<td>{html.escape(text)}</td>"]
+            for path, text in flatten(metrics)]
+    return (f'<p>Everything in <a href="metrics.json">metrics.json</a>, the course&#39;s record of what each run '
+            f"measured.{also}</p>" + _table(["key", "value"], rows))
+
+
+def _environment_section(env: dict[str, Any]) -> str:
+    """Where the latest run happened, in a fixed order, versions last."""
+    keys = [*ENVIRONMENT_ORDER, *sorted(set(env) - set(ENVIRONMENT_ORDER) - {"packages"})]
+    rows = [f"<tr><th>{html.escape(key)}</th><td>{html.escape(str(env[key]))}</td></tr>" for key in keys if key in env]
+    packages = ", ".join(f"{name} {version}" for name, version in env.get("packages", {}).items())
+    rows.append(f"<tr><th>packages</th><td><small>{html.escape(packages)}</small></td></tr>")
+    return f"<p>The latest run's machine and versions.</p><table><tbody>{''.join(rows)}</tbody></table>"
 
 
 def report_page(output_dir: Path, rows: list[Row], pages: dict[str, str], metrics: dict[str, Any],
                 figures: list[Figure], env: dict[str, Any]) -> str:
     """The HTML of ``index.html`` (every path relative to ``output_dir``)."""
-    esc = html.escape
-    notebook_rows = []
-    for row in rows:
-        page = f'<a href="notebooks/{esc(pages[row.name])}">{esc(row.name)}</a>' if row.name in pages else esc(row.name)
-        status = row.status or "?"
-        details = "<br>".join(esc(result) for result in row.results or [row.problem or "—"])
-        setup = esc(", ".join(part for part in (row.profile, row.model) if part))
-        notebook_rows.append([f"<td>{page}<br><small><a href=\"notebooks/{esc(row.name)}.ipynb\">.ipynb</a></small></td>",
-                              f'<td class="{esc(status)}">{esc(status)}</td>', f'<td class="time">{esc(row.time)}</td>',
-                              f"<td>{details}</td>", f"<td><small>{setup}</small></td>"])
-    smoke = any(row.profile == "smoke" for row in rows)
-    note = ('<p class="note">Run in the <code>smoke</code> profile: a few training steps on tiny data, so the '
-            "accuracies say nothing about the method. Run <code>make run</code> for the real figures.</p>") if smoke else ""
-    unlisted = unlisted_sections(metrics)
-    also = (f"<p>Also recorded (see the table below): {esc(', '.join(unlisted))}.</p>") if unlisted else ""
-    metric_rows = [[f"<td><code>{esc(path)}</code></td>", f"<td>{esc(text)}</td>"] for path, text in flatten(metrics)]
-    env_rows = [[f"<th>{esc(key)}</th>", f"<td>{esc(str(value))}</td>"] for key, value in env.items() if key != "packages"]
-    packages = ", ".join(f"{name} {version}" for name, version in env.get("packages", {}).items())
-    env_rows.append(["<th>packages</th>", f"<td><small>{esc(packages)}</small></td>"])
-    generated = time.strftime("%Y-%m-%d %H:%M")
+    generated = html.escape(time.strftime("%Y-%m-%d %H:%M"))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -327,21 +367,17 @@ def report_page(output_dir: Path, rows: list[Row], pages: dict[str, str], metric
 <style>{CSS}</style></head>
 <body>
 <h1>Fine-tuning a pretrained LLM — course report</h1>
-<p>Written by <code>make run</code> on {esc(generated)}: the executed notebooks, what they measured, their figures
+<p>Written by <code>make run</code> on {generated}: the executed notebooks, what they measured, their figures
 and the machine they ran on. Every page here opens without a network.</p>
-{note}
 <h2 id="notebooks">Notebooks</h2>
-{_table(["notebook", "status", "time", "key result", "profile, model"], notebook_rows) if rows else "<p>No notebook has run yet: <code>make run</code>.</p>"}
-{also}
+{_notebooks_section(rows, pages)}
 <h2 id="figures">Figures</h2>
-<p>Figures inside the notebooks (click one to open its cell), then the files the notebooks saved in this folder.</p>
+<p>The figures inside the notebooks (click one to open its cell), and the files the notebooks saved in this folder.</p>
 {_gallery(figures, output_dir)}
 <h2 id="metrics">All metrics</h2>
-{f'<p>Everything in <a href="metrics.json">metrics.json</a>, the course&#39;s record of what each run measured.</p>'
-  + _table(["key", "value"], metric_rows) if (output_dir / "metrics.json").is_file() else "<p>No metrics recorded yet.</p>"}
+{_metrics_section(output_dir, metrics)}
 <h2 id="environment">Environment</h2>
-<p>The latest run's machine and versions.</p>
-<table><tbody>{"".join("<tr>" + "".join(row) + "</tr>" for row in env_rows)}</tbody></table>
+{_environment_section(env)}
 </body></html>
 """
 
