@@ -5,6 +5,8 @@
     load_model("path/to/folder")  a GPT-2 checkpoint folder (config.json + model.safetensors)
     build_model("GPT2Model", cfg) an untrained model, e.g. to load a saved classifier into (helpers.checkpoints)
 
+``pick_device`` (re-exported from ``helpers.models.base``) chooses cuda -> mps -> cpu, or COURSE_DEVICE.
+
 Every model has the interface of ``helpers.models.base.CausalLM``; the tools that need only that interface
 (last-token logits, the classifier head, generation, counts) live in ``helpers.models.base``.
 """
@@ -16,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from helpers import config
-from helpers.models.base import CausalLM, CheckpointError, count_params
+from helpers.models.base import CausalLM, CheckpointError, count_params, pick_device
 from helpers.models.gpt2 import GPT2Config, GPT2Model, gpt2_tokenizer, load_gpt2
 from helpers.models.smollm2 import SmolLM2, SmolLM2Config, load_smollm2, smollm2_tokenizer
 
