@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -64,6 +65,21 @@ def misclassified(df: pd.DataFrame, preds: torch.Tensor, probs: torch.Tensor) ->
     table = df.assign(predicted=[LABEL_NAMES[p] for p in preds.tolist()], spam_probability=probs.numpy().round(3),
                       actual=[LABEL_NAMES[int(label)] for label in df["Label"]])
     return table.loc[table["predicted"] != table["actual"], ["Text", "actual", "predicted", "spam_probability"]]
+
+
+def accuracy_summary(preds: torch.Tensor, labels: torch.Tensor, seen_in_training: Sequence[bool]) -> dict[str, float]:
+    """Accuracy with its binomial standard error, and the accuracy without the texts that also occur in the
+    training split (``helpers.data.texts_also_in``). Notebook 05 computes the same in its cell.
+
+    Returns ``{"accuracy", "standard_error", "n", "accuracy_unseen", "n_unseen"}``.
+    """
+    right = (preds.cpu() == labels.cpu()).double()
+    unseen = ~torch.as_tensor(list(seen_in_training), dtype=torch.bool)
+    if unseen.shape != right.shape:
+        raise ValueError(f"seen_in_training has {len(unseen)} entries for {len(right)} predictions")
+    accuracy = right.mean().item()
+    return {"accuracy": accuracy, "standard_error": (accuracy * (1 - accuracy) / len(right)) ** 0.5,
+            "n": len(right), "accuracy_unseen": right[unseen].mean().item(), "n_unseen": int(unseen.sum())}
 
 
 # --- Plots ---------------------------------------------------------------------------------------------

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from helpers.data import SpamDataset, collate
@@ -211,3 +211,13 @@ def split_batches(model: nn.Module, datasets: dict[str, SpamDataset], batch_size
     """``make_batches`` for every split: training shuffled with ``drop_last``, the others in order."""
     return {name: make_batches(model, ds, batch_size=batch_size, shuffle=name == "train", drop_last=name == "train",
                                cache=cache, seed=seed, progress=progress) for name, ds in datasets.items()}
+
+
+def rebatch(batches: Batches, indices: Sequence[int] | None = None, *, shuffle: bool = False,
+            drop_last: bool = False, seed: int = 123) -> Batches:
+    """New batches over the same inputs (nothing is recomputed), all of them or those at ``indices``, in a
+    freshly seeded order: the same steps again (notebook 05), cross-validation folds (notebook 08)."""
+    source = batches.loader.dataset if indices is None else Subset(batches.loader.dataset, list(indices))
+    loader = DataLoader(source, batch_size=batches.loader.batch_size, shuffle=shuffle, drop_last=drop_last,
+                        generator=torch.Generator().manual_seed(seed), collate_fn=batches.loader.collate_fn)
+    return Batches(loader, batches.forward, batches.cached)

@@ -161,6 +161,19 @@ def train_classifier(model: nn.Module, train: Batches, val: Batches, cfg: TrainC
     return history
 
 
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the trainable parameters, to start training again from the same point (notebooks 05, 08)."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def restore_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a ``trainable_state`` back into the model (in place: cached batches stay valid)."""
+    params = dict(model.named_parameters())
+    for name, value in state.items():
+        params[name].copy_(value)
+
+
 def history_dict(history: History) -> dict:
     """The history as plain JSON-able data."""
     return asdict(history)

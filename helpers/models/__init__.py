@@ -6,6 +6,8 @@
     load_model("path/to/folder")  a GPT-2 checkpoint folder (config.json + model.safetensors)
     build_model("GPT2Model", cfg) an untrained model, e.g. to load a saved classifier into (helpers.checkpoints)
 
+``pick_device`` (re-exported from ``helpers.models.base``) chooses cuda -> mps -> cpu, or COURSE_DEVICE.
+
 Every model has the interface of ``helpers.models.base.CausalLM``; the tools that need only that interface
 (last-token logits, the classifier head, generation, counts) live in ``helpers.models.base``.
 """
