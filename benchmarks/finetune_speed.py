@@ -16,7 +16,8 @@ batch 8, evaluation every 50 steps on 5 batches, accuracy each epoch, final accu
 evaluation batches are timed and scaled to the recipe's counts, and every such number says "estimate".
 
 ``lora_speedup`` = median time of (one training step + one evaluation pass) on a batch, (c) / (d), both measured
-on the SAME ``--lora-batches`` (>= 20) training batches.
+on the SAME ``--lora-batches`` (>= 20) training batches, the two paths interleaved batch by batch so that
+the machine's load affects both alike.
 
     python benchmarks/finetune_speed.py --quick                 # (a) estimated, the rest measured: ~5 min
     python benchmarks/finetune_speed.py                         # (a) measured too: ~25 more minutes
@@ -30,17 +31,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from course_run.report import cpu_name  # noqa: E402
 from helpers import config  # noqa: E402
 from helpers.data import collate, collate_packed, load_splits, make_loader, tokenize_splits  # noqa: E402
 from helpers.fastpath import Batches, Forward, split_batches  # noqa: E402
@@ -146,31 +148,31 @@ def path_a(preset: str, datasets: dict, cfg: TrainConfig, quick: bool, samples: 
 
 
 def lora_paths(preset: str, datasets: dict, n_batches: int) -> dict:
-    """(c) and (d) on the same ``n_batches`` training batches: per batch, one step + one evaluation pass."""
+    """(c) and (d) on the same ``n_batches`` training batches: per batch, one step + one evaluation pass.
+
+    The two paths are interleaved batch by batch (and which of them goes first alternates), so a change in the
+    machine's load while they run affects both alike.
+    """
     train = datasets["train"]
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(SEED)).tolist()
     items = [[train[i] for i in order[b * BATCH:(b + 1) * BATCH]] for b in range(n_batches + 1)]
     styles = {"c": (reference_forward, lambda batch: collate(batch, train.pad_id, pad_to=FIXED_PAD)),
               "d": (packed_last_token_logits, collate_packed)}
-    results = {}
+    runs = {}
     for key, (forward, make) in styles.items():
         model = classifier(preset, lora=True)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.1)
         batches = [make(batch) for batch in items]
         train_step(model, optimizer, forward, batches[0])  # warm-up, untimed
-        times = [seconds(lambda: train_step(model, optimizer, forward, b))
-                 + seconds(lambda: eval_pass(model, forward, b)) for b in batches[1:]]
-        results[key] = {"median_seconds": statistics.median(times), "batches": n_batches,
-                        "positions_per_batch": statistics.mean(b[0].numel() for b in batches[1:])}
-    return results
-
-
-def cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+        runs[key] = (model, optimizer, forward, batches[1:], [])
+    for i in range(n_batches):
+        for key in (("c", "d") if i % 2 == 0 else ("d", "c")):
+            model, optimizer, forward, batches, times = runs[key]
+            times.append(seconds(lambda: train_step(model, optimizer, forward, batches[i]))
+                         + seconds(lambda: eval_pass(model, forward, batches[i])))
+    return {key: {"median_seconds": statistics.median(times), "batches": n_batches, "interleaved": True,
+                  "positions_per_batch": statistics.mean(b[0].numel() for b in batches)}
+            for key, (_, _, _, batches, times) in runs.items()}
 
 
 def load() -> float | None:
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = load()
-    print(f"CPU {cpu_model()} ({os.cpu_count()} cores), torch {torch.__version__} with {torch.get_num_threads()} "
+    print(f"CPU {cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__} with {torch.get_num_threads()} "
           f"threads; load average {load_before}; model {args.preset} (random weights, seed {SEED})")
     datasets = tokenize_splits(load_splits(), gpt2_tokenizer())
     cfg = TrainConfig()
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(b): cache pass {b['cache_seconds']:.1f} s + training {b['train_seconds']:.1f} s + final accuracy "
           f"{b['final_accuracy_seconds']:.1f} s, measured; positions per LoRA batch: (c) "
           f"{results['c']['positions_per_batch']:.0f}, (d) {results['d']['positions_per_batch']:.0f}")
-    report = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    report = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                           "torch": torch.__version__, "load_before": load_before, "load_after": load()},
               "preset": args.preset, "quick": args.quick, "paths": results, "ratios": ratios}
     path = args.json or config.output_dir() / "benchmark.json"

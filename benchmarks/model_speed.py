@@ -3,6 +3,7 @@
     python benchmarks/model_speed.py attention   # a packed row's attention: mask vs per-text loop vs nested tensors
     python benchmarks/model_speed.py steps       # LoRA / QLoRA training step: packed vs padded; dequantization's share
     python benchmarks/model_speed.py generate    # generation with vs without the KV cache
+    python benchmarks/model_speed.py lora        # lora_speedup: reference-style LoRA (padded) vs the course's (packed)
     python benchmarks/model_speed.py all
 
 GPT-2 124M shapes with random weights (speed does not depend on the values; ``--preset tiny`` checks the script),
@@ -24,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.finetune_speed import BATCH, SEED, classifier, model_config, seconds, train_step  # noqa: E402
+from benchmarks.finetune_speed import (  # noqa: E402
+    BATCH, SEED, classifier, lora_paths, model_config, seconds, train_step,
+)
 from helpers import nf4  # noqa: E402
 from helpers.data import collate, collate_packed, load_splits, tokenize_splits  # noqa: E402
 from helpers.models.base import Packing, attend, generate, last_token_logits, packed_last_token_logits, set_seed  # noqa: E402
@@ -81,9 +84,9 @@ def steps(args: argparse.Namespace) -> None:
     fast, spent = nf4.dequantize_nf4, [0.0]
 
     def timed(dequantize: Callable) -> Callable:
-        def run(q):
+        def run(q, pairs=None):  # NF4LinearFunction passes the layer's pair table
             start = time.perf_counter()
-            out = dequantize(q)
+            out = dequantize(q, pairs)
             spent[0] += time.perf_counter() - start
             return out
         return run
@@ -93,7 +96,7 @@ def steps(args: argparse.Namespace) -> None:
         model = classifier(args.preset, lora=True, quantize=method == "QLoRA")
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
         for layout, (prepared, forward) in layouts.items():
-            for name, dequantize in {"plain": nf4.dequantize_nf4_plain, "pair table": fast}.items():
+            for name, dequantize in {"plain": lambda q, _: nf4.dequantize_nf4_plain(q), "pair table": fast}.items():
                 if method == "LoRA" and name == "plain":
                     continue
                 nf4.dequantize_nf4 = timed(dequantize)  # NF4LinearFunction looks it up at every call
@@ -129,15 +132,28 @@ def generation(args: argparse.Namespace) -> None:
     print(f"  speed-up {times[False] / times[True]:.1f}x, the same tokens")
 
 
+def lora_speedup(args: argparse.Namespace) -> None:
+    """``lora_speedup`` of ``finetune_speed.py`` alone: (c) reference-style LoRA, every text padded to 120 tokens,
+    all blocks, logits at the last position, vs (d) the course's packed LoRA, on the same batches, interleaved."""
+    results = lora_paths(args.preset, tokenize_splits(load_splits(), gpt2_tokenizer()), args.lora_batches)
+    c, d = results["c"], results["d"]
+    print(f"\nLoRA (rank 16, every block) training step + evaluation pass, median over the same {args.lora_batches}"
+          f" batches of 8 SMS texts, the two paths interleaved batch by batch (machine load affects both alike):")
+    print(f"  (c) reference-style, padded to 120 {c['median_seconds']:7.3f} s  ({c['positions_per_batch']:4.0f} positions)")
+    print(f"  (d) course, packed                 {d['median_seconds']:7.3f} s  ({d['positions_per_batch']:4.0f} positions)")
+    print(f"lora_speedup: {c['median_seconds'] / d['median_seconds']:.2f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=("attention", "steps", "generate", "all"))
+    parser.add_argument("what", choices=("attention", "steps", "generate", "lora", "all"))
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--lora-batches", type=int, default=20, help="lora: batches timed for each path (>= 20)")
     parser.add_argument("--preset", default="gpt2", choices=("gpt2", "tiny"))
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}")
-    for name, run in (("attention", attention), ("steps", steps), ("generate", generation)):
+    for name, run in (("attention", attention), ("steps", steps), ("generate", generation), ("lora", lora_speedup)):
         if args.what in (name, "all"):
             run(args)
     print(f"load average after: {os.getloadavg()[0]:.2f}")

@@ -77,13 +77,17 @@ def dequantize_nf4_plain(q: NF4Tensor) -> torch.Tensor:
     return values.reshape(-1)[:numel].reshape(q.shape)
 
 
-def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
+def dequantize_nf4(q: NF4Tensor, pairs: torch.Tensor | None = None) -> torch.Tensor:
     """``dequantize_nf4_plain``, fast: one lookup per *byte* in ``NF4_PAIRS`` gives both of its values (no
     unpacking of nibbles), then one in-place multiplication by the block scales (no second weight-sized
-    tensor). QLoRA runs it in every forward and backward pass of every quantized layer."""
+    tensor). QLoRA runs it in every forward and backward pass of every quantized layer.
+
+    ``pairs``: ``NF4_PAIRS`` already on ``q``'s device (``NF4Linear`` keeps one), else it is copied there.
+    """
     numel = math.prod(q.shape)
-    pairs = NF4_PAIRS.to(q.packed.device).index_select(0, q.packed.int())  # [bytes, 2]
-    values = _blocks(pairs.view(-1), q.block_size).mul_(q.absmax[:, None])  # [n_blocks, block_size], in place
+    pairs = NF4_PAIRS.to(q.packed.device) if pairs is None else pairs
+    values = pairs.index_select(0, q.packed.int())  # [bytes, 2]: both values of every byte
+    values = _blocks(values.view(-1), q.block_size).mul_(q.absmax[:, None])  # [n_blocks, block_size], in place
     return values.view(-1)[:numel].view(q.shape)
 
 
@@ -109,10 +113,10 @@ class NF4LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size,
-                block_size: int, bias: torch.Tensor | None) -> torch.Tensor:
+                block_size: int, bias: torch.Tensor | None, pairs: torch.Tensor | None = None) -> torch.Tensor:
         ctx.save_for_backward(packed, absmax)
-        ctx.shape, ctx.block_size = shape, block_size
-        weight = dequantize_nf4(NF4Tensor(packed, absmax, shape, block_size)).to(x.dtype)  # [out, in], freed on return
+        ctx.shape, ctx.block_size, ctx.pairs = shape, block_size, pairs  # pairs: the layer's constant NF4_PAIRS
+        weight = dequantize_nf4(NF4Tensor(packed, absmax, shape, block_size), pairs).to(x.dtype)  # [out, in], freed
         return F.linear(x, weight, None if bias is None else bias.to(x.dtype))  # [..., out]
 
     @staticmethod
@@ -120,9 +124,9 @@ class NF4LinearFunction(torch.autograd.Function):
         packed, absmax = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            weight = dequantize_nf4(NF4Tensor(packed, absmax, ctx.shape, ctx.block_size)).to(grad_out.dtype)
+            weight = dequantize_nf4(NF4Tensor(packed, absmax, ctx.shape, ctx.block_size), ctx.pairs).to(grad_out.dtype)
             grad_x = grad_out @ weight  # [..., out] @ [out, in] -> [..., in]
-        return grad_x, None, None, None, None, None
+        return grad_x, None, None, None, None, None, None
 
 
 class NF4Linear(nn.Module):
@@ -136,6 +140,8 @@ class NF4Linear(nn.Module):
         self.register_buffer("packed", q.packed)
         self.register_buffer("absmax", q.absmax)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        # the values of every byte (NF4_PAIRS), on the layer's device (moved with it; not saved: constants)
+        self.register_buffer("pairs", NF4_PAIRS.to(linear.weight.device, copy=True), persistent=False)
         self.quant_error = nf4_error(linear.weight, q)  # the original weight is gone after this
 
     @property
@@ -145,10 +151,11 @@ class NF4Linear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return dequantize_nf4(self.nf4)
+        return dequantize_nf4(self.nf4, self.pairs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return NF4LinearFunction.apply(x, self.packed, self.absmax, self.nf4.shape, self.block_size, self.bias)
+        return NF4LinearFunction.apply(x, self.packed, self.absmax, self.nf4.shape, self.block_size, self.bias,
+                                       self.pairs)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4 block_size={self.block_size}"

@@ -10,9 +10,10 @@ from torch import nn
 
 from agreement import assert_close, assert_packed_equals_padded, lora_classifier
 from helpers.data import collate_packed
-from helpers.instruct_data import IGNORE_INDEX, collate_instructions, prompt_and_targets
+from helpers.instruct_data import IGNORE_INDEX, collate_instructions, instruction_loader, prompt_and_targets
 from helpers.models import gpt2, smollm2
 from helpers.models.base import Packing, add_classifier_head, attend, packed_hidden, packed_last_token_logits
+from helpers.train import packed_next_token_loss
 
 TINY_GPT2 = gpt2.GPT2Config(vocab_size=300, context_length=64, emb_dim=32, n_heads=2, n_layers=3)
 TINY_SMOLLM2 = smollm2.SmolLM2Config(emb_dim=32, n_layers=3, n_heads=4, n_kv_heads=2, context_length=64,
@@ -90,10 +91,9 @@ def test_packed_next_token_loss_equals_padded(kind):
         if name == "padded":
             ids, _, targets = collate_instructions(examples, pad_id=0)
             logits = model(ids)  # [B, T, V]
-        else:
-            ids, lengths, targets = collate_packed(examples)
-            logits = model.out_head(packed_hidden(model, ids, lengths))  # [1, N, V]
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        else:  # the head only at the scored positions
+            loss = packed_next_token_loss(model, collate_packed(examples))
         loss.backward()
         losses[name] = loss.detach()
         grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -101,3 +101,15 @@ def test_packed_next_token_loss_equals_padded(kind):
     for n, g in grads["padded"].items():
         assert g.abs().max() > 0
         assert_close(grads["packed"][n], g, f"gradient of {n}")
+
+
+def test_packed_instruction_loader_holds_the_padded_batches_without_padding():
+    """``instruction_loader(pack=True)``: the same length-grouped batches as the padded loader, packed."""
+    items = [prompt_and_targets(t[:1], t[1:] + [299]) for t in TEXTS * 3]
+    padded = list(instruction_loader(items, pad_id=0, batch_size=4, seed=5))
+    packed = list(instruction_loader(items, pad_id=0, batch_size=4, seed=5, pack=True))
+    assert len(packed) == len(padded) == 4
+    for (ids, lengths, targets), (pids, plengths, ptargets) in zip(padded, packed):
+        assert torch.equal(plengths, lengths) and pids.shape == (1, int(lengths.sum()))
+        real = torch.arange(ids.shape[1])[None] < lengths[:, None]  # [B, T]
+        assert torch.equal(pids[0], ids[real]) and torch.equal(ptargets, targets[real])
