@@ -30,7 +30,9 @@ from benchmarks.finetune_speed import (  # noqa: E402
 )
 from helpers import nf4  # noqa: E402
 from helpers.data import collate, collate_packed, load_splits, tokenize_splits  # noqa: E402
-from helpers.models.base import Packing, attend, generate, last_token_logits, packed_last_token_logits, set_seed  # noqa: E402
+from helpers.models.base import (  # noqa: E402
+    Packing, attend, generate, last_token_logits, packed_last_token_logits, set_seed,
+)
 from helpers.models.gpt2 import GPT2Model, gpt2_tokenizer  # noqa: E402
 
 
@@ -139,8 +141,8 @@ def lora_speedup(args: argparse.Namespace) -> None:
     c, d = results["c"], results["d"]
     print(f"\nLoRA (rank 16, every block) training step + evaluation pass, median over the same {args.lora_batches}"
           f" batches of 8 SMS texts, the two paths interleaved batch by batch (machine load affects both alike):")
-    print(f"  (c) reference-style, padded to 120 {c['median_seconds']:7.3f} s  ({c['positions_per_batch']:4.0f} positions)")
-    print(f"  (d) course, packed                 {d['median_seconds']:7.3f} s  ({d['positions_per_batch']:4.0f} positions)")
+    for name, path in (("(c) reference-style, padded to 120", c), ("(d) course, packed", d)):
+        print(f"  {name:34s} {path['median_seconds']:7.3f} s  ({path['positions_per_batch']:4.0f} positions)")
     print(f"lora_speedup: {c['median_seconds'] / d['median_seconds']:.2f}")
 
 
