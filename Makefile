@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lab venv images screenshot benchmark clean-outputs
+.PHONY: run test lab venv images screenshot benchmark experiments clean-outputs
 
 ## make run   — create .venv if missing, then execute every notebook in order into outputs/
 run: $(STAMP)
@@ -41,6 +41,11 @@ screenshot: $(STAMP)
 ## make benchmark — full-recipe speed comparison (add ARGS=--quick for a ~5 minute estimate)
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/finetune_speed.py $(ARGS)
+
+## make experiments — every row of results/experiments.txt into results/experiments.csv (real SmolLM2; ~30-40 min
+##                    on a quiet 2-core CPU; rows already measured at this commit are skipped, so it resumes)
+experiments: $(STAMP)
+	$(BIN)/python scripts/experiments.py --run-list results/experiments.txt
 
 clean-outputs:
 	rm -rf outputs

@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CSV to append the row to; relative paths start at the repository (default: %(default)s)")
     output.add_argument("--run-list", type=Path, default=None, metavar="FILE",
                         help="instead of one row: run every command line of FILE (options of this script, one row a "
-                             "line, # comments), each in its own process, skipping rows already in --out for the "
-                             "same command and commit (so an interrupted run resumes)")
+                             "line, # comments), each in its own process with --out and --threads added when given, "
+                             "skipping rows already in --out for the same command and commit (so an interrupted run "
+                             "resumes)")
     return parser
 
 
@@ -292,12 +293,12 @@ def append_row(path: Path, row: dict) -> None:
         config.atomic_write_text(path, old + out.getvalue())
 
 
-def run_list(list_file: Path, out: Path) -> int:
-    """Run every command of ``list_file`` in its own process (so each row's memory peak is its own)."""
+def run_list(list_file: Path, out: Path, threads: int | None = None) -> int:
+    """Run every command of ``list_file`` in its own process (so each row's memory peak is its own); ``--out``
+    and ``--threads``, when given, are added to each command."""
     lines = [line.strip() for line in resolve(list_file).read_text(encoding="utf-8").splitlines()]
-    commands = [shlex.split(line) for line in lines if line and not line.startswith("#")]
-    if out != DEFAULT_OUT:
-        commands = [[*argv, "--out", str(out)] for argv in commands]
+    extra = (["--threads", str(threads)] if threads else []) + (["--out", str(out)] if out != DEFAULT_OUT else [])
+    commands = [[*shlex.split(line), *extra] for line in lines if line and not line.startswith("#")]
     commit, failed = git_commit(), 0
     for number, argv in enumerate(commands, start=1):
         done = {(r["command"], r["commit"]) for r in read_rows(resolve(out))}
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.run_list is not None:
-        return run_list(args.run_list, args.out)
+        return run_list(args.run_list, args.out, args.threads)
     check_options(parser, args)
     row = {**run_configuration(args), **provenance(argv)}
     append_row(args.out, row)

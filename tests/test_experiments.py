@@ -180,8 +180,10 @@ def test_run_list_runs_each_line_once_per_commit(tmp_path, monkeypatch):
     run_list = experiments["run_list"]
     monkeypatch.setitem(run_list.__globals__, "git_commit", lambda: "c" * 40)
     monkeypatch.setattr(subprocess, "run", lambda argv, **kw: ran.append(argv[2:]) or subprocess.CompletedProcess(argv, 0))
-    first = ["--name", "row one", "--trainable", "head", "--out", str(out)]
+    first = ["--name", "row one", "--trainable", "head", "--threads", "1", "--out", str(out)]
     experiments["append_row"](out, {"name": "row one", "commit": "c" * 40,
                                     "command": experiments["command_line"](first)})
-    assert run_list(listing, out) == 0
-    assert ran == [["--name", "two", "--epochs", "1", "--out", str(out)]]  # row one is already there
+    assert run_list(listing, out, threads=1) == 0
+    assert ran == [["--name", "two", "--epochs", "1", "--threads", "1", "--out", str(out)]]  # row one is there
+    monkeypatch.setitem(run_list.__globals__, "git_commit", lambda: "d" * 40)  # another commit: run both again
+    assert run_list(listing, out, threads=1) == 0 and len(ran) == 3
