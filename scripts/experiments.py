@@ -1,6 +1,6 @@
 """Run ONE configuration of the course's classification recipe and append its row to a CSV (notebook 09).
 
-    python scripts/experiments.py --name "last block (course recipe)" --model smollm2-135m --lr 1e-4
+    python scripts/experiments.py --trainable last-block --lr 1e-4      # row "last block, lr 0.0001, 5 epochs"
     python scripts/experiments.py --run-list results/experiments.txt      # every row of the shipped table
 
 A row holds the configuration, the trainable parameters, train / validation / test accuracy, the training time
@@ -101,8 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "with other work, 1 can be several times faster than 2 (threads wait for each other); "
                              "the row records the number used")
     output = parser.add_argument_group("output")
-    output.add_argument("--name", default=None,
-                        help="the row's name in the table (default: built from the options)")
     output.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="CSV to append the row to; relative paths start at the repository (default: %(default)s)")
     output.add_argument("--run-list", type=Path, default=None, metavar="FILE",
@@ -136,6 +134,34 @@ def trainable_label(args: argparse.Namespace) -> str:
     if args.trainable in ("lora", "qlora"):
         return f"{args.trainable} (r={args.rank}, alpha={args.alpha:g})"
     return args.trainable
+
+
+def row_name(args: argparse.Namespace) -> str:
+    """The row's name, built from the options so that it always says what ran: what trains, then only what
+    differs from the course recipe (where it reads, random weights, another model or data file), then the
+    learning rate and epochs, e.g. ``head only, lr 0.0001, 5 epochs`` or ``last block, read at the first token,
+    lr 0.0001, 5 epochs``."""
+    trains = {"head": "head only", "last-block": "last block", "last-k": f"last {args.k} blocks",
+              "all": "all layers", "lora": f"LoRA r{args.rank} alpha {args.alpha:g}",
+              "qlora": f"QLoRA r{args.rank} alpha {args.alpha:g}"}[args.trainable]
+    parts = [trains]
+    if args.position == "first":
+        parts.append("read at the first token")
+    elif args.position == "last-position":
+        parts.append("read at the last position" + (", every text padded to one length"
+                                                     if args.padding == "fixed" else ""))
+    if args.weights == "random":
+        parts.append("random weights")
+    if args.model != "smollm2-135m":
+        parts.append(f"model {args.model}")
+    if args.data != "sms":
+        parts.append(f"data {Path(args.data).name}")
+    if args.batch_size != 8:
+        parts.append(f"batch {args.batch_size}")
+    if args.seed != 123:
+        parts.append(f"seed {args.seed}")
+    parts += [f"lr {args.lr:g}", f"{args.epochs} epochs"]
+    return ", ".join(parts)
 
 
 # --- One configuration ------------------------------------------------------------------------------------
@@ -211,7 +237,7 @@ def run_configuration(args: argparse.Namespace) -> dict:
     accuracy = train.accuracies(model, batches)
     peak = memory.peak_rss()
     return {
-        "name": args.name or f"{args.model}, {args.weights}, {trainable_label(args)}, {args.position}",
+        "name": row_name(args),
         "status": "measured" if args.max_steps is None else f"quick check (--max-steps {args.max_steps})",
         "model": args.model, "weights": args.weights, "trainable": trainable_label(args),
         "position": args.position, "padding": padding, "epochs": args.epochs, "lr": args.lr,

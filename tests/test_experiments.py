@@ -101,7 +101,7 @@ def test_help_documents_every_option():
     options = [action for action in parser._actions if action.option_strings and action.dest != "help"]
     assert {a.dest for a in options} >= {"model", "weights", "trainable", "k", "rank", "alpha", "position", "padding",
                                          "pad_to", "epochs", "lr", "batch_size", "seed", "max_steps", "data",
-                                         "text_column", "label_column", "threads", "name", "out", "run_list"}
+                                         "text_column", "label_column", "threads", "out", "run_list"}
     for action in options:
         assert action.help and len(action.help) > 20, f"{action.option_strings} has no real help"
         assert action.option_strings[0] in text
@@ -125,7 +125,7 @@ def test_a_tiny_run_appends_a_complete_row(tmp_path):
     """End to end in a fresh process, as a learner runs it (COURSE_MODEL is a tiny random GPT-2 in the tests)."""
     out = tmp_path / "rows.csv"
     argv = ["--model", os.environ["COURSE_MODEL"], "--trainable", "last-k", "--k", "2", "--epochs", "1",
-            "--max-steps", "2", "--name", "tiny check", "--out", str(out)]
+            "--max-steps", "2", "--out", str(out)]
     for _ in range(2):
         done = subprocess.run([sys.executable, str(SCRIPT), *argv], cwd=tmp_path, capture_output=True, text=True,
                               timeout=300)
@@ -136,6 +136,7 @@ def test_a_tiny_run_appends_a_complete_row(tmp_path):
     empty = [column for column, value in row.items() if value == "" and column != "peak_gpu_mb"]
     assert not empty, f"empty columns {empty}"
     assert row["status"] == "quick check (--max-steps 2)" and row["trainable"] == "last-2-blocks"
+    assert row["name"] == f"last 2 blocks, model {os.environ['COURSE_MODEL']}, lr 5e-05, 1 epochs"
     assert int(row["steps"]) == 2 and int(row["classes"]) == 2
     assert 0 < int(row["trainable_params"]) < int(row["total_params"])
     assert all(0 <= float(row[k]) <= 1 for k in ("train_acc", "val_acc", "test_acc"))
@@ -152,6 +153,7 @@ def test_own_labelled_file_with_four_classes(tmp_path):
     assert experiments["main"](argv) == 0
     row = next(csv.DictReader(out.open(encoding="utf-8")))
     assert int(row["classes"]) == len(SUPPORT_CATEGORIES) == 4 and row["position"] == "first"
+    assert "head only, read at the first token" in row["name"] and "data support_requests.csv" in row["name"]
     assert int(row["trainable_params"]) == 4 * 32 + 4  # only the new Linear(32, 4): the tiny model is 32 wide
 
 
@@ -162,6 +164,8 @@ def test_fixed_padding_row_records_its_length(tmp_path):
     assert experiments["main"](argv) == 0
     row = next(csv.DictReader(out.open(encoding="utf-8")))
     assert row["padding"] == "fixed (40 tokens)" and row["weights"] == "random"
+    assert row["name"].startswith("last block, read at the last position, every text padded to one length, "
+                                  "random weights")
 
 
 def test_append_refuses_a_csv_with_other_columns(tmp_path):
@@ -174,16 +178,42 @@ def test_append_refuses_a_csv_with_other_columns(tmp_path):
 
 def test_run_list_runs_each_line_once_per_commit(tmp_path, monkeypatch):
     listing = tmp_path / "list.txt"
-    listing.write_text("# a comment\n--name 'row one' --trainable head\n\n--name two --epochs 1\n", encoding="utf-8")
+    listing.write_text("# a comment\n--trainable head\n\n--epochs 1\n", encoding="utf-8")
     out = tmp_path / "rows.csv"
     ran = []
     run_list = experiments["run_list"]
     monkeypatch.setitem(run_list.__globals__, "git_commit", lambda: "c" * 40)
     monkeypatch.setattr(subprocess, "run", lambda argv, **kw: ran.append(argv[2:]) or subprocess.CompletedProcess(argv, 0))
-    first = ["--name", "row one", "--trainable", "head", "--threads", "1", "--out", str(out)]
-    experiments["append_row"](out, {"name": "row one", "commit": "c" * 40,
+    first = ["--trainable", "head", "--threads", "1", "--out", str(out)]
+    experiments["append_row"](out, {"name": "head only", "commit": "c" * 40,
                                     "command": experiments["command_line"](first)})
     assert run_list(listing, out, threads=1) == 0
-    assert ran == [["--name", "two", "--epochs", "1", "--threads", "1", "--out", str(out)]]  # row one is there
+    assert ran == [["--epochs", "1", "--threads", "1", "--out", str(out)]]  # the first row is there
     monkeypatch.setitem(run_list.__globals__, "git_commit", lambda: "d" * 40)  # another commit: run both again
     assert run_list(listing, out, threads=1) == 0 and len(ran) == 3
+
+
+def names_of(argv: list[str]) -> str:
+    return experiments["row_name"](experiments["build_parser"]().parse_args(argv))
+
+
+def test_a_row_name_says_what_ran():
+    """The name is built from the options, never typed, so a row cannot be called what it is not."""
+    assert names_of(["--lr", "1e-4"]) == "last block, lr 0.0001, 5 epochs"
+    assert names_of(["--trainable", "head"]).startswith("head only,")
+    assert names_of(["--trainable", "last-k", "--k", "3"]).startswith("last 3 blocks,")
+    assert names_of(["--trainable", "lora", "--rank", "8", "--alpha", "16"]).startswith("LoRA r8 alpha 16,")
+    assert "random weights" in names_of(["--weights", "random"])
+    assert "seed 7" in names_of(["--seed", "7"]) and "10 epochs" in names_of(["--epochs", "10"])
+    assert names_of(["--trainable", "head"]) != names_of(["--trainable", "head", "--position", "first"])
+
+
+def test_shipped_rows_are_named_after_their_commands():
+    """results/experiments.csv and run_it_yourself.csv: each name is what its command would produce."""
+    for table in ("experiments.csv", "run_it_yourself.csv"):
+        path = ROOT / "results" / table
+        if not path.exists():
+            continue
+        for row in csv.DictReader(path.open(encoding="utf-8")):
+            argv = shlex.split(row["command"])[2:]
+            assert row["name"] == names_of(argv), f"{table}: {row['name']!r} does not match {row['command']!r}"
