@@ -268,12 +268,13 @@ def describe_device(device: torch.device) -> str:
 
 
 def git_commit() -> str:
-    """The commit the code ran on; ``+changes`` when tracked files (outside results/) differ from it."""
+    """The commit the code ran on; ``+changes`` when the code that runs (helpers/, scripts/, requirements.txt)
+    differs from it. Notebooks, docs and results/ may change while a table is being measured."""
     def git(*arguments: str) -> str:
         return subprocess.run(["git", *arguments], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     try:
         commit = git("rev-parse", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", "helpers", "scripts", "requirements.txt")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return commit + ("+changes" if changed else "")
