@@ -43,8 +43,8 @@ screenshot: $(STAMP)
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/finetune_speed.py $(ARGS)
 
-## make experiments — every row of results/experiments.txt into results/experiments.csv (real SmolLM2; ~30-40 min
-##                    on a quiet 2-core CPU; rows already measured at this commit are skipped, so it resumes)
+## make experiments — every row of results/experiments.txt into results/experiments.csv (real SmolLM2; each row
+##                    records its time; rows already measured at this commit are skipped, so it resumes)
 experiments: $(STAMP)
 	$(BIN)/python scripts/experiments.py --run-list results/experiments.txt
 
