@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lab venv images screenshot benchmark clean-outputs
+.PHONY: run test lab venv images screenshot benchmark experiments clean-outputs
 
 ## make run   — create .venv if missing, then execute every notebook in order into outputs/ (report: outputs/index.html)
 ##              NOTEBOOKS="05 06" (or "05-07", "05-") reruns only those; COURSE_VERBOSE=1 shows every message
@@ -42,6 +42,11 @@ screenshot: $(STAMP)
 ## make benchmark — full-recipe speed comparison (add ARGS=--quick for a ~5 minute estimate)
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/finetune_speed.py $(ARGS)
+
+## make experiments — every row of results/experiments.txt into results/experiments.csv (real SmolLM2; each row
+##                    records its time; rows already measured at this commit are skipped, so it resumes)
+experiments: $(STAMP)
+	$(BIN)/python scripts/experiments.py --run-list results/experiments.txt
 
 clean-outputs:
 	rm -rf outputs

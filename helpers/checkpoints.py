@@ -38,6 +38,9 @@ def save_classifier(model: nn.Module, path: str | os.PathLike, *, max_length: in
                     labels: dict[str, int] | None = None) -> Path:
     """Save weights + architecture + config + label map + ``max_length`` (tensors and plain values only).
 
+    ``labels``: name -> class id for every class of the head (default: what ``load_classifier`` attached,
+    else ham/spam); ``classify`` answers with these names.
+
     ``max_length``: the token length the classifier was trained with (``datasets["train"].max_length``);
     ``classify`` reads that many tokens by default. Both default to what ``load_classifier`` attached.
     """
@@ -45,12 +48,18 @@ def save_classifier(model: nn.Module, path: str | os.PathLike, *, max_length: in
     if not isinstance(max_length, int) or max_length < 1:
         raise ValueError("save_classifier needs max_length=<the length of the training texts in tokens>, "
                          "e.g. max_length=datasets['train'].max_length")
+    labels = dict(labels or getattr(model, "labels", None) or LABELS)
+    num_classes = model.out_head.out_features
+    if sorted(labels.values()) != list(range(num_classes)):
+        raise ValueError(f"labels {labels} do not name the {num_classes} classes 0..{num_classes - 1} of the "
+                         "classifier's head; pass labels=<the label map of its data> (e.g. from "
+                         "helpers.own_data.load_labelled).")
     checkpoint = {
         "format": CLASSIFIER_FORMAT,
         "architecture": type(model).__name__,
         "config": asdict(model.cfg),
-        "labels": dict(labels or getattr(model, "labels", None) or LABELS),
-        "num_classes": model.out_head.out_features,
+        "labels": labels,
+        "num_classes": num_classes,
         "max_length": max_length,
         "state_dict": {name: t.detach().cpu() for name, t in model.state_dict().items()},
     }

@@ -6,6 +6,7 @@ provides GPT-2's and SmolLM2's); this module imports no model code.
 """
 from __future__ import annotations
 
+import copy
 import csv
 from pathlib import Path
 
@@ -48,13 +49,17 @@ def balance(df: pd.DataFrame, seed: int = 123) -> pd.DataFrame:
     return pd.concat(parts).reset_index(drop=True)
 
 
-def encode_labels(df: pd.DataFrame) -> pd.DataFrame:
-    """Return a copy with ``Label`` mapped ham -> 0, spam -> 1; safe to run twice (0/1 stay 0/1)."""
-    names_to_ids = {**LABELS, **{v: v for v in LABELS.values()}, **{str(v): v for v in LABELS.values()}}
+def encode_labels(df: pd.DataFrame, labels: dict[str, int] = LABELS) -> pd.DataFrame:
+    """Return a copy with ``Label`` mapped to class ids by ``labels`` (default ham -> 0, spam -> 1).
+
+    Any label set works (``helpers.own_data.load_labelled`` returns one for your own file). Safe to run
+    twice: ids that are already ids (``0``, ``"1"``) stay as they are.
+    """
+    names_to_ids = {**labels, **{v: v for v in labels.values()}, **{str(v): v for v in labels.values()}}
     mapped = df["Label"].map(lambda label: names_to_ids.get(label, -1))
     if (mapped < 0).any():
         bad = sorted(map(str, df.loc[mapped < 0, "Label"].unique()))
-        raise ValueError(f"Unknown labels {bad}; expected one of {list(LABELS)} or {list(LABELS.values())}.")
+        raise ValueError(f"Unknown labels {bad}; expected one of {list(labels)} or {list(labels.values())}.")
     return df.assign(Label=mapped.astype("int64"))
 
 
@@ -109,16 +114,18 @@ class SpamDataset(Dataset):
     """Token ids and labels of a split. Texts longer than ``max_length`` are truncated.
 
     ``max_length`` defaults to the longest text, and is never beyond the model's context.
-    Items are unpadded; ``collate`` pads each batch (see ``make_loader``).
+    Items are unpadded; ``collate`` pads each batch (see ``make_loader``). ``labels`` maps label names to
+    class ids (default: ham/spam); it is kept as ``label_map`` so the names can go into the checkpoint.
     """
 
     def __init__(self, df: pd.DataFrame, tokenizer, max_length: int | None = None,
-                 context_length: int = 1024) -> None:
+                 context_length: int = 1024, labels: dict[str, int] = LABELS) -> None:
         encoded = [tokenizer.encode(text) for text in df["Text"]]
         longest = max((len(ids) for ids in encoded), default=1)
         self.max_length = max(1, min(max_length or longest, context_length))
         self.encoded = [ids[: self.max_length] or [tokenizer.pad_id] for ids in encoded]
-        self.labels = encode_labels(df)["Label"].tolist()
+        self.labels = encode_labels(df, labels)["Label"].tolist()
+        self.label_map = dict(labels)
         self.pad_id = tokenizer.pad_id
 
     def __len__(self) -> int:
@@ -167,10 +174,25 @@ def make_loader(dataset: SpamDataset, batch_size: int = 8, shuffle: bool = False
                       collate_fn=lambda items: collate(items, dataset.pad_id, pad_to))
 
 
-def tokenize_splits(splits: dict[str, pd.DataFrame], tokenizer, context_length: int = 1024
-                    ) -> dict[str, SpamDataset]:
-    """A ``SpamDataset`` per split; validation and test are truncated to the longest *training* text."""
-    train = SpamDataset(splits["train"], tokenizer, context_length=context_length)
+def tokenize_splits(splits: dict[str, pd.DataFrame], tokenizer, context_length: int = 1024,
+                    labels: dict[str, int] = LABELS) -> dict[str, SpamDataset]:
+    """A ``SpamDataset`` per split; validation and test are truncated to the longest *training* text.
+
+    ``labels``: the label map (name -> id) of the data, ham/spam by default.
+    """
+    train = SpamDataset(splits["train"], tokenizer, context_length=context_length, labels=labels)
     return {"train": train, **{name: SpamDataset(df, tokenizer, max_length=train.max_length,
-                                                 context_length=context_length)
+                                                 context_length=context_length, labels=labels)
                                for name, df in splits.items() if name != "train"}}
+
+
+def pad_every_text(dataset: SpamDataset, pad_to: int) -> SpamDataset:
+    """A copy of ``dataset`` in which every text is exactly ``pad_to`` tokens: cut, or right-padded with the
+    pad token. The padding then becomes part of what the model reads, as with the reference implementation's
+    fixed-length padding read at the last position (``scripts/experiments.py --padding fixed``)."""
+    if pad_to < 1:
+        raise ValueError(f"pad_to must be at least 1 token, got {pad_to}.")
+    padded = copy.copy(dataset)
+    padded.encoded = [ids[:pad_to] + [dataset.pad_id] * (pad_to - len(ids[:pad_to])) for ids in dataset.encoded]
+    padded.max_length = pad_to
+    return padded

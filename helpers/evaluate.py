@@ -49,7 +49,8 @@ def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int
 
 
 def precision_recall_f1(matrix: torch.Tensor, positive: int = 1) -> dict[str, float]:
-    """Precision, recall and F1 of the ``positive`` class (spam), plus accuracy."""
+    """Precision, recall and F1 of the ``positive`` class (spam), plus accuracy; any number of classes
+    (``per_class_scores`` gives every class's)."""
     tp = int(matrix[positive, positive])
     fp = int(matrix[:, positive].sum()) - tp
     fn = int(matrix[positive, :].sum()) - tp
@@ -58,6 +59,24 @@ def precision_recall_f1(matrix: torch.Tensor, positive: int = 1) -> dict[str, fl
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     accuracy = int(matrix.diag().sum()) / int(matrix.sum()) if int(matrix.sum()) else 0.0
     return {"accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1}
+
+
+def confusion_frame(matrix: torch.Tensor, names: Sequence[str] = LABEL_NAMES) -> pd.DataFrame:
+    """The confusion matrix as a table: a row per true class, a column per predicted class, any number of classes."""
+    return pd.DataFrame(matrix.numpy(), index=[f"true {n}" for n in names], columns=[f"predicted {n}" for n in names])
+
+
+def per_class_scores(matrix: torch.Tensor, names: Sequence[str] = LABEL_NAMES) -> pd.DataFrame:
+    """Precision, recall, F1 and support (true examples) of every class, each in turn the "positive" one, and
+    their macro average: the plain mean over classes, so a small class counts as much as a large one."""
+    if len(names) != matrix.shape[0]:
+        raise ValueError(f"{len(names)} names {list(names)} for a {matrix.shape[0]}-class confusion matrix")
+    rows = {name: {**precision_recall_f1(matrix, positive=c), "support": int(matrix[c].sum())}
+            for c, name in enumerate(names)}
+    table = pd.DataFrame.from_dict(rows, orient="index")[["precision", "recall", "f1", "support"]]
+    macro = table[["precision", "recall", "f1"]].mean()
+    table.loc["macro average"] = [macro["precision"], macro["recall"], macro["f1"], int(matrix.sum())]
+    return table.astype({"support": "int64"})
 
 
 def misclassified(df: pd.DataFrame, preds: torch.Tensor, probs: torch.Tensor) -> pd.DataFrame:

@@ -232,6 +232,49 @@ def split_batches(model: nn.Module, datasets: dict[str, SpamDataset], batch_size
                                cache=cache, pack=pack, seed=seed, progress=progress) for name, ds in datasets.items()}
 
 
+# --- Reading at another position (scripts/experiments.py; notebook 09) -------------------------------------
+
+READ_POSITIONS = ("last-real-token", "first", "last-position")
+
+
+def read_lengths(position: str, lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """The ``lengths`` that make a forward function (which reads at ``lengths - 1``) read at ``position``:
+
+    * ``last-real-token`` — each text's last real token (the course's recipe): ``lengths`` unchanged;
+    * ``first`` — position 0 for every row. With a causal mask it has seen only the first token;
+    * ``last-position`` — the last column of the padded batch, ``width - 1``: after the padding when a text is
+      shorter than the batch (the reference implementation's reading, with every text padded to one length).
+    """
+    if position == "last-real-token":
+        return lengths
+    if position == "first":
+        return torch.ones_like(lengths)
+    if position == "last-position":
+        return torch.full_like(lengths, width)
+    raise ValueError(f"position must be one of {READ_POSITIONS}, got {position!r}")
+
+
+@dataclass(frozen=True)
+class ReadAt:
+    """A ``Forward`` that reads at ``position`` instead of the last real token (token ids or cached batches)."""
+
+    forward: Forward
+    position: str
+    cached: bool = False
+
+    def __call__(self, model: nn.Module, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.position == "last-position" and self.cached and bool((lengths != inputs.shape[1]).any()):
+            raise ValueError("last-position on cached batches needs every text padded to one length "
+                             "(helpers.data.pad_every_text): the cache pads with zeros, not with pad tokens.")
+        return self.forward(model, inputs, read_lengths(self.position, lengths, inputs.shape[1]))
+
+
+def read_at(batches: Batches, position: str) -> Batches:
+    """The same batches, read at ``position`` (one of ``READ_POSITIONS``) by the model."""
+    read_lengths(position, torch.ones(1, dtype=torch.long), 1)  # an unknown position fails here, not mid-training
+    return Batches(batches.loader, ReadAt(batches.forward, position, batches.cached), batches.cached)
+
+
 def rebatch(batches: Batches, indices: Sequence[int] | None = None, *, shuffle: bool = False,
             drop_last: bool = False, seed: int = 123) -> Batches:
     """New batches over the same inputs (nothing is recomputed), all of them or those at ``indices``, in a

@@ -86,6 +86,21 @@ def _release_freed_memory() -> None:
         pass
 
 
+def reset_peak_rss() -> int | None:
+    """Start measuring a peak from here: hand freed memory back to the OS, then reset the high-water mark to the
+    current RSS (Linux). Returns the RSS now, in bytes; None where the OS cannot reset the mark."""
+    if not CLEAR_REFS.exists():
+        return None
+    _release_freed_memory()
+    CLEAR_REFS.write_text("5")  # reset VmHWM to the current RSS
+    return _status_bytes("VmRSS")
+
+
+def peak_rss() -> int | None:
+    """The process's peak RSS in bytes since ``reset_peak_rss`` (``VmHWM``); None where it cannot be read."""
+    return _status_bytes("VmHWM") if STATUS.exists() and CLEAR_REFS.exists() else None
+
+
 def measure(method: str, cfg: GPT2Config, steps: int, batch_size: int, seq_len: int, rank: int,
             seed: int) -> dict[str, Any]:
     """Build, reset the high-water mark, train ``steps`` steps; runs in the measuring process."""
@@ -99,14 +114,12 @@ def measure(method: str, cfg: GPT2Config, steps: int, batch_size: int, seq_len: 
     batch = (torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=generator),  # ids [B, T]
              torch.full((batch_size,), seq_len),  # lengths [B]
              torch.randint(0, 2, (batch_size,), generator=generator))  # labels [B]
-    _release_freed_memory()
-    rss_after_load = _status_bytes("VmRSS")
-    CLEAR_REFS.write_text("5")  # reset VmHWM to the current RSS
+    rss_after_load = reset_peak_rss()
     for _ in range(steps):
         optimizer.zero_grad()
         batch_loss(model, last_token_logits, batch).backward()
         optimizer.step()
-    return {"method": method, "peak_rss_bytes": _status_bytes("VmHWM"), "rss_after_load_bytes": rss_after_load,
+    return {"method": method, "peak_rss_bytes": peak_rss(), "rss_after_load_bytes": rss_after_load,
             "steps": steps, "batch_size": batch_size, "seq_len": seq_len, "rank": rank, "config": asdict(cfg)}
 
 

@@ -263,3 +263,25 @@ def test_malformed_copies_of_the_shipped_file_name_the_right_line(tmp_path):
     (tmp_path / "latin1.csv").write_bytes(data)
     with pytest.raises(DataFileError, match=rf"line {starts[target]}: byte 0xE9 at byte offset {data.index(0xE9)} "):
         load_labelled(tmp_path / "latin1.csv")
+
+
+def test_more_malformed_copies_of_the_shipped_file(tmp_path):
+    """A renamed header, a label with too few rows, an unquoted comma, a file over the limit: each names its place."""
+    text = SUPPORT_REQUESTS.read_text(encoding="utf-8")
+    n_lines = len(text.splitlines())
+    renamed = tmp_path / "renamed.csv"
+    renamed.write_text(text.replace("text,label", "message,label", 1), encoding="utf-8")
+    with pytest.raises(DataFileError, match=r"renamed\.csv, line 1 \(the header\): no column 'text'.*'message'"):
+        load_labelled(renamed)
+    assert len(load_labelled(renamed, text_column="message")[0]) == 351  # naming the column fixes it
+    rare = tmp_path / "rare.csv"
+    rare.write_text(text + "Can I pay in bitcoin?,crypto\n", encoding="utf-8")
+    with pytest.raises(DataFileError, match=rf"at least 10 examples.*'crypto': 1 \(at line {n_lines + 1}\)"):
+        load_labelled(rare)
+    comma = tmp_path / "comma.csv"
+    comma.write_text(text + "My invoice, the one from May, is wrong,billing\n", encoding="utf-8")
+    with pytest.raises(DataFileError, match=rf"comma\.csv, line {n_lines + 1}: 4 comma-separated fields, but the "
+                                            r"header has 2.*double quotes"):
+        load_labelled(comma)
+    with pytest.raises(DataFileError, match=r"over this loader's limit of 0 MB"):
+        load_labelled(SUPPORT_REQUESTS, max_bytes=10_000)
