@@ -476,3 +476,22 @@ def test_verbose_setting_is_read_in_config_and_documented(monkeypatch: pytest.Mo
         monkeypatch.setenv("COURSE_VERBOSE", value)
         assert config.verbose() is expected
     assert "COURSE_VERBOSE" in (config.__doc__ or "") and "`COURSE_VERBOSE`" in (ROOT / "README.md").read_text()
+
+
+def test_solutions_run_into_their_own_folder_without_the_course_report(course: tuple[Path, Path],
+                                                                        capsys: pytest.CaptureFixture):
+    source, output_dir = course
+    write_notebook(source, "05_answers", "# Solutions · 05", "print(6 * 7)")
+    write_notebook(source, "06_answers", "# Solutions · 06", "1 + 1")
+    assert run_main(source, "--solutions", "05") == 0
+    executed = output_dir / "solutions"
+    assert sorted(path.name for path in executed.glob("*.ipynb")) == ["05_answers.ipynb"]
+    assert nbformat.read(executed / "05_answers.ipynb", as_version=4).cells[1].outputs[0]["text"] == "42\n"
+    assert not (output_dir / "notebooks").exists() and not (output_dir / "index.html").exists()
+    assert "outputs/solutions" in capsys.readouterr().out.replace("\\", "/")
+
+
+def test_solutions_option_lists_the_solutions_folder(capsys: pytest.CaptureFixture):
+    assert run_notebooks.main(["--solutions", "--list"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert listed == sorted(path.stem for path in (ROOT / "solutions").glob("[0-9][0-9]_*.ipynb")) and listed
