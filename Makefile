@@ -6,9 +6,10 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test lab venv images screenshot benchmark clean-outputs
 
-## make run   — create .venv if missing, then execute every notebook in order into outputs/
+## make run   — create .venv if missing, then execute every notebook in order into outputs/ (report: outputs/index.html)
+##              NOTEBOOKS="05 06" (or "05-07", "05-") reruns only those; COURSE_VERBOSE=1 shows every message
 run: $(STAMP)
-	$(BIN)/python scripts/run_notebooks.py
+	$(BIN)/python scripts/run_notebooks.py $(NOTEBOOKS)
 
 ## make test  — unit tests + every notebook under nbval, offline, in the fast "smoke" profile
 test: $(STAMP)

@@ -18,6 +18,7 @@
 | INSTRUCTION_DATA_URLS | the book's file, pinned commit         | comma-separated URLs of instruction-data.json (notebooks 10-11) |
 | INSTRUCTION_DATA_SHA256 | the pinned file's SHA-256            | checksum of instruction-data.json (tests only)       |
 | COURSE_DIST_TIMEOUT | 600                                      | seconds a process waits for the others under torchrun |
+| COURSE_VERBOSE     | 0                                       | ``1``: ``make run`` shows every message              |
 | RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT | unset | set by ``torchrun`` for each process; never by hand |
 
 The second half of this module makes writing files safe when two programs write at once (``make run`` while
@@ -329,3 +330,8 @@ def read_metrics(path: Path | None = None) -> dict[str, Any]:
     """The metrics recorded so far (empty when none)."""
     path = Path(path or metrics_path())
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def verbose() -> bool:
+    """True when COURSE_VERBOSE is 1/true/yes/on: ``make run`` shows every kernel message and warning."""
+    return _env("COURSE_VERBOSE").lower() in ("1", "true", "yes", "on")

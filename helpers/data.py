@@ -68,6 +68,11 @@ def random_split(df: pd.DataFrame, train_frac: float = 0.7, validation_frac: flo
     return {name: shuffled.iloc[a:b].reset_index(drop=True) for name, (a, b) in cuts.items()}
 
 
+def texts_also_in(df: pd.DataFrame, other: pd.DataFrame) -> pd.Series:
+    """True for each row of ``df`` whose text also occurs in ``other`` (notebook 03: test texts seen in training)."""
+    return df["Text"].isin(set(other["Text"]))
+
+
 def splits_dir() -> Path:
     """Where the prepared train/validation/test CSVs live."""
     return data_dir() / "sms_spam"

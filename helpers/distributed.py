@@ -1,7 +1,8 @@
 """Scale-out stage: the same fine-tuning on N processes with ``DistributedDataParallel`` (DDP), under torchrun.
 
 Pipeline position: after ``train``. No notebook defines it (a notebook is one process); it is the engine under
-``python -m helpers.finetune`` and README section "Beyond one machine". It imports only PyTorch and ``config``.
+``python -m helpers.finetune`` and README section "Beyond one machine". It imports only PyTorch, ``config`` and
+the device tools of ``models.base`` (one device and precision policy for the whole course).
 
 Data parallelism in four lines:
 
@@ -19,15 +20,16 @@ One training step, as ``helpers.finetune`` runs it (without torchrun the same li
     step = wrap_model(LossModule(model, forward, token_loss_sum), ctx)
     loader = sharded_loader(train_set, batch_size, collate_fn=collate, seed=seed)
     optimizer = torch.optim.AdamW([p for p in step.parameters() if p.requires_grad], lr=lr)
+    precision = precision_for(ctx.device)           # bf16 / fp16 autocast on CUDA GPUs, float32 elsewhere
+    scaler = precision.grad_scaler()                # scales the loss under fp16 only
     for epoch in range(epochs):
         set_epoch(loader, epoch)                    # a new shuffle each epoch, the same on every process
         for inputs, lengths, targets in loader:
             optimizer.zero_grad()
-            with mixed_precision(ctx.device):       # bf16 on CUDA GPUs, nothing on the CPU
+            with precision.autocast():
                 loss_sum, count = step(inputs, lengths, targets)   # through the wrapper, never step.module
             loss, mean = global_mean_loss(loss_sum, count)
-            loss.backward()                         # gradients averaged over processes here
-            optimizer.step()
+            optimizer_step(loss, optimizer, scaler) # helpers.train: backward (gradients averaged here) + step
             print_main(f"loss {mean:.3f}")          # rank 0 only
     save_on_main(step, path)                        # the unwrapped model's weights, no ``module.`` prefix
     shutdown_distributed()
@@ -48,6 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import config
+from .models.base import model_device, pick_device, precision_for
 
 IGNORE_INDEX = -100  # targets with this value are not scored (prompt and padding in instruction tuning)
 LossInputs = tuple[torch.Tensor, torch.Tensor]  # (sum of the per-item losses, how many items were summed)
@@ -98,13 +101,14 @@ def init_distributed(device: str | torch.device | None = None) -> DistContext:
     Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): one process per device; on
     CUDA the process uses GPU number LOCAL_RANK and the nccl backend, on CPU the gloo backend. Every process
     waits at most COURSE_DIST_TIMEOUT seconds for the others, then fails with a message (never hangs for ever).
-    ``device``: ``cpu`` or ``cuda`` (the GPU number comes from LOCAL_RANK); default CUDA when available.
+    ``device``: ``cpu`` or ``cuda`` (the GPU number comes from LOCAL_RANK); default COURSE_DEVICE's type, else
+    CUDA when available.
     Without torchrun nothing is initialised and the context says rank 0 of 1. Calling it twice is harmless.
     """
     env = config.torchrun_env()
-    if env is None:  # one plain process: any device (mps included), by default CUDA when available
-        return DistContext(device=torch.device(device) if device is not None else _pick_device(None, 0))
-    where = _pick_device(device, env.local_rank)
+    if env is None:  # one plain process: any device (mps included), as pick_device decides
+        return DistContext(device=pick_device(device))
+    where = _pick_device(device or config.device_name(), env.local_rank)
     backend = "nccl" if where.type == "cuda" else "gloo"
     context = DistContext(env.rank, env.local_rank, env.world_size, where, backend)
     if dist.is_initialized():
@@ -201,7 +205,7 @@ class LossModule(nn.Module):
         self.model, self.logits_of, self.loss_of = model, forward, loss
 
     def forward(self, inputs: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor) -> LossInputs:
-        device = next(self.model.parameters()).device
+        device = model_device(self.model)
         logits = self.logits_of(self.model, inputs.to(device), lengths.to(device))
         return self.loss_of(logits, targets.to(device))
 
@@ -295,10 +299,9 @@ def global_mean_loss(loss_sum: torch.Tensor, count: torch.Tensor | int) -> tuple
 
 
 def mixed_precision(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on a CUDA GPU that supports it (weights and optimizer stay float32); nothing elsewhere."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """``precision_for(device).autocast()``: bf16 (or fp16) autocast on CUDA GPUs, nothing elsewhere. Under fp16
+    the step needs ``precision_for(device).grad_scaler()`` too (``train.optimizer_step``)."""
+    return precision_for(device).autocast()
 
 
 # --- Rank 0 logs and saves ----------------------------------------------------------------------------

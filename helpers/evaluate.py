@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -16,19 +17,23 @@ from torch import nn
 
 from helpers.data import LABEL_NAMES, LABELS, SpamDataset
 from helpers.fastpath import Batches
-from helpers.models.base import last_token_logits
+from helpers.models.base import last_token_logits, model_device, precision_for
 
 
 # --- Predictions and metrics ---------------------------------------------------------------------------
 
 @torch.no_grad()
 def predict(model: nn.Module, batches: Batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(predicted class, true label, spam probability)`` for every example, in order (no shuffling)."""
+    """``(predicted class, true label, spam probability)`` for every example, in order (no shuffling).
+
+    Runs on the model's device under ``precision_for`` it; the results come back to the CPU.
+    """
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     preds, labels, probs = [], [], []
     for inputs, lengths, batch_labels in batches:
-        logits = batches.forward(model, inputs.to(device), lengths.to(device))
+        with precision_for(device).autocast():
+            logits = batches.forward(model, inputs.to(device), lengths.to(device)).float()
         preds.append(logits.argmax(-1).cpu())
         probs.append(torch.softmax(logits, -1)[:, 1].cpu())
         labels.append(batch_labels)
@@ -60,6 +65,21 @@ def misclassified(df: pd.DataFrame, preds: torch.Tensor, probs: torch.Tensor) ->
     table = df.assign(predicted=[LABEL_NAMES[p] for p in preds.tolist()], spam_probability=probs.numpy().round(3),
                       actual=[LABEL_NAMES[int(label)] for label in df["Label"]])
     return table.loc[table["predicted"] != table["actual"], ["Text", "actual", "predicted", "spam_probability"]]
+
+
+def accuracy_summary(preds: torch.Tensor, labels: torch.Tensor, seen_in_training: Sequence[bool]) -> dict[str, float]:
+    """Accuracy with its binomial standard error, and the accuracy without the texts that also occur in the
+    training split (``helpers.data.texts_also_in``). Notebook 05 computes the same in its cell.
+
+    Returns ``{"accuracy", "standard_error", "n", "accuracy_unseen", "n_unseen"}``.
+    """
+    right = (preds.cpu() == labels.cpu()).double()
+    unseen = ~torch.as_tensor(list(seen_in_training), dtype=torch.bool)
+    if unseen.shape != right.shape:
+        raise ValueError(f"seen_in_training has {len(unseen)} entries for {len(right)} predictions")
+    accuracy = right.mean().item()
+    return {"accuracy": accuracy, "standard_error": (accuracy * (1 - accuracy) / len(right)) ** 0.5,
+            "n": len(right), "accuracy_unseen": right[unseen].mean().item(), "n_unseen": int(unseen.sum())}
 
 
 # --- Plots ---------------------------------------------------------------------------------------------
@@ -176,7 +196,7 @@ def classify(model: nn.Module, text: str, max_length: int | None = None) -> Pred
     Texts longer than ``max_length`` (default: the length the classifier was trained with, see
     ``classify_max_length``) keep their first tokens. An empty text is read as a single end-of-text token.
     Text the tokenizer cannot take (a lone surrogate; for SmolLM2 also control characters such as ``\x04``)
-    raises ``ValueError`` saying which character; tabs and line breaks are fine.
+    raises ``ValueError`` saying which character; tabs and line breaks are fine. Runs on the model's device.
     """
     if not isinstance(text, str):
         raise TypeError(f"classify expects a string, got {type(text).__name__}")
@@ -185,9 +205,10 @@ def classify(model: nn.Module, text: str, max_length: int | None = None) -> Pred
     ids = model.tokenizer.encode(text) or [model.tokenizer.pad_id]
     truncated = len(ids) > limit
     ids = ids[:limit]
-    device = next(model.parameters()).device
+    device = model_device(model)
     model.eval()
-    logits = last_token_logits(model, torch.tensor([ids], device=device), torch.tensor([len(ids)], device=device))
+    with precision_for(device).autocast():
+        logits = last_token_logits(model, torch.tensor([ids]).to(device), torch.tensor([len(ids)]).to(device))
     probs = torch.softmax(logits[0].float(), -1)  # [C]
     if len(names) != len(probs):
         raise ValueError(f"the classifier has {len(probs)} classes but {len(names)} label names {names}")

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from helpers.data import SpamDataset, collate
-from helpers.models.base import last_token_logits, logits_from_hidden
+from helpers.models.base import last_token_logits, logits_from_hidden, model_device
 
 Forward = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, inputs, lengths) -> logits [B, C]
 _AFTER_BLOCKS = ("blocks.", "final_norm.", "out_head.")
@@ -106,17 +106,33 @@ class CachedForward:
         return logits_from_hidden(model, x, lengths, first_block=self.record.first_block)
 
 
+#: Cached activations may fill at most this fraction of a CUDA GPU's free memory; beyond it they stay in CPU memory.
+CACHE_GPU_FRACTION = 0.5
+
+
+def cache_device(device: torch.device, nbytes: int) -> torch.device:
+    """Where a cache of ``nbytes`` lives for a model on ``device``: on the model's device (no copy per step;
+    GPT-2 124M's cache of the SMS splits is about 140 MB), except on a CUDA GPU where it would take more than
+    ``CACHE_GPU_FRACTION`` of the free memory: then in CPU memory, copied to the GPU batch by batch."""
+    if device.type == "cuda" and nbytes > CACHE_GPU_FRACTION * torch.cuda.mem_get_info(device)[0]:
+        return torch.device("cpu")
+    return device
+
+
 @torch.no_grad()
 def cache_hidden(model: nn.Module, dataset: SpamDataset, n_blocks: int, batch_size: int = 32,
                  progress: bool = True) -> list[torch.Tensor]:
     """Output of embeddings + the first ``n_blocks`` blocks for every text, each ``[length, emb_dim]``.
 
-    Texts are processed in length-sorted batches (little padding); results are stored unpadded, in the
-    dataset's order, so training order and results are unaffected.
+    Texts are processed in length-sorted batches (little padding) on the model's device, in float32 even where
+    training uses autocast: the cache is computed once, and its rounding would stay in every epoch. Results are
+    stored unpadded (on ``cache_device``), in the dataset's order, so training order and results are unaffected.
     """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
+    reference = model.tok_emb.weight
+    store = cache_device(device, sum(map(len, dataset.encoded)) * model.cfg.emb_dim * reference.element_size())
     order = sorted(range(len(dataset)), key=lambda i: len(dataset.encoded[i]))
     hidden: list[torch.Tensor | None] = [None] * len(dataset)
     for start in tqdm(range(0, len(order), batch_size), desc="caching frozen blocks", disable=not progress,
@@ -127,7 +143,7 @@ def cache_hidden(model: nn.Module, dataset: SpamDataset, n_blocks: int, batch_si
         for block in model.blocks[:n_blocks]:
             x = block(x)
         for row, i in enumerate(chunk):
-            hidden[i] = x[row, : lengths[row]].cpu().clone()  # [length, D]
+            hidden[i] = x[row, : lengths[row]].to(store, copy=True)  # [length, D], a copy: not a view of x
     model.train(was_training)
     return hidden  # type: ignore[return-value]
 
@@ -151,7 +167,8 @@ def collate_hidden(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor,
     Returns ``(x [B, T, D], lengths [B], labels [B])``.
     """
     lengths = torch.tensor([h.shape[0] for h, _ in items])
-    x = torch.zeros(len(items), int(lengths.max()), items[0][0].shape[1], dtype=items[0][0].dtype)
+    first = items[0][0]
+    x = torch.zeros(len(items), int(lengths.max()), first.shape[1], dtype=first.dtype, device=first.device)
     for row, (h, _) in enumerate(items):
         x[row, : h.shape[0]] = h
     return x, lengths, torch.tensor([label for _, label in items])
@@ -193,7 +210,17 @@ def make_batches(model: nn.Module, dataset: SpamDataset, *, batch_size: int = 8,
 
 
 def split_batches(model: nn.Module, datasets: dict[str, SpamDataset], batch_size: int = 8, cache: bool = True,
-                  seed: int = 123) -> dict[str, Batches]:
+                  seed: int = 123, progress: bool = True) -> dict[str, Batches]:
     """``make_batches`` for every split: training shuffled with ``drop_last``, the others in order."""
     return {name: make_batches(model, ds, batch_size=batch_size, shuffle=name == "train", drop_last=name == "train",
-                               cache=cache, seed=seed) for name, ds in datasets.items()}
+                               cache=cache, seed=seed, progress=progress) for name, ds in datasets.items()}
+
+
+def rebatch(batches: Batches, indices: Sequence[int] | None = None, *, shuffle: bool = False,
+            drop_last: bool = False, seed: int = 123) -> Batches:
+    """New batches over the same inputs (nothing is recomputed), all of them or those at ``indices``, in a
+    freshly seeded order: the same steps again (notebook 05), cross-validation folds (notebook 08)."""
+    source = batches.loader.dataset if indices is None else Subset(batches.loader.dataset, list(indices))
+    loader = DataLoader(source, batch_size=batches.loader.batch_size, shuffle=shuffle, drop_last=drop_last,
+                        generator=torch.Generator().manual_seed(seed), collate_fn=batches.loader.collate_fn)
+    return Batches(loader, batches.forward, batches.cached)

@@ -9,6 +9,8 @@ high-water mark is reset (Linux: write ``5`` to ``/proc/self/clear_refs``), and 
 in another's. Where the operating system cannot reset the mark (macOS, Windows) the result is ``None``.
 
     python -m helpers.memory qlora --steps 20      # prints one JSON line
+
+``training_peaks()`` measures both methods as notebook 07 does (``quick=True``: a tiny model, for the smoke profile).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -31,6 +33,8 @@ from helpers.models.gpt2 import PRESETS, GPT2Config, GPT2Model
 from helpers.train import batch_loss
 
 METHODS = {"lora": apply_lora, "qlora": apply_qlora}
+#: A tiny GPT-2 for ``quick`` runs (the smoke profile): the plumbing runs in seconds, the figures mean nothing.
+QUICK = {"cfg": {"emb_dim": 64, "n_heads": 2, "n_layers": 2}, "steps": 2, "seq_len": 16}
 CLEAR_REFS = Path("/proc/self/clear_refs")
 STATUS = Path("/proc/self/status")
 
@@ -53,6 +57,16 @@ def training_peak_rss(method: str, *, cfg: dict[str, Any] | None = None, steps: 
     if done.returncode != 0:
         raise RuntimeError(f"measuring {method} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+
+
+def training_peaks(methods: Sequence[str] = ("lora", "qlora"), quick: bool = False) -> dict[str, int | None]:
+    """``training_peak_rss`` of each method (GPT-2 124M shapes, 20 steps of 8 x 120 tokens), one process each.
+
+    ``quick``: the tiny ``QUICK`` model instead (seconds; its figures say nothing about the 124M model).
+    ``None`` for every method where the OS cannot measure it (not Linux).
+    """
+    options = QUICK if quick else {}
+    return {method: training_peak_rss(method, **options) for method in methods}
 
 
 def _status_bytes(field: str) -> int:

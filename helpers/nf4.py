@@ -64,11 +64,15 @@ def quantize_nf4(w: torch.Tensor, block_size: int = 64) -> NF4Tensor:
     return NF4Tensor(packed.contiguous(), absmax.contiguous(), torch.Size(w.shape), block_size)
 
 
-def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
-    """The fp32 tensor ``q`` stands for (code value times its block's absmax), in its original shape."""
+def dequantize_nf4(q: NF4Tensor, code: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 tensor ``q`` stands for (code value times its block's absmax), in its original shape.
+
+    ``code``: ``NF4_CODE`` already on ``q``'s device (``NF4Linear`` keeps one), else it is copied there.
+    """
     numel = math.prod(q.shape)
+    code = NF4_CODE.to(q.packed.device) if code is None else code
     codes = torch.stack([q.packed >> 4, q.packed & 0x0F], dim=1).reshape(-1)[:numel]
-    values = _blocks(NF4_CODE.to(q.packed.device)[codes.long()], q.block_size) * q.absmax[:, None]
+    values = _blocks(code[codes.long()], q.block_size) * q.absmax[:, None]
     return values.reshape(-1)[:numel].reshape(q.shape)
 
 
@@ -94,10 +98,10 @@ class NF4LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size,
-                block_size: int, bias: torch.Tensor | None) -> torch.Tensor:
+                block_size: int, bias: torch.Tensor | None, code: torch.Tensor | None = None) -> torch.Tensor:
         ctx.save_for_backward(packed, absmax)
-        ctx.shape, ctx.block_size = shape, block_size
-        weight = dequantize_nf4(NF4Tensor(packed, absmax, shape, block_size)).to(x.dtype)  # [out, in], freed on return
+        ctx.shape, ctx.block_size, ctx.code = shape, block_size, code  # code: the layer's constant 16 levels
+        weight = dequantize_nf4(NF4Tensor(packed, absmax, shape, block_size), code).to(x.dtype)  # [out, in], freed
         return F.linear(x, weight, None if bias is None else bias.to(x.dtype))  # [..., out]
 
     @staticmethod
@@ -105,9 +109,9 @@ class NF4LinearFunction(torch.autograd.Function):
         packed, absmax = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            weight = dequantize_nf4(NF4Tensor(packed, absmax, ctx.shape, ctx.block_size)).to(grad_out.dtype)
+            weight = dequantize_nf4(NF4Tensor(packed, absmax, ctx.shape, ctx.block_size), ctx.code).to(grad_out.dtype)
             grad_x = grad_out @ weight  # [..., out] @ [out, in] -> [..., in]
-        return grad_x, None, None, None, None, None
+        return grad_x, None, None, None, None, None, None
 
 
 class NF4Linear(nn.Module):
@@ -121,6 +125,8 @@ class NF4Linear(nn.Module):
         self.register_buffer("packed", q.packed)
         self.register_buffer("absmax", q.absmax)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        # the 16 levels, on the layer's device (moved with it; not saved: they are constants)
+        self.register_buffer("code", NF4_CODE.to(linear.weight.device, copy=True), persistent=False)
         self.quant_error = nf4_error(linear.weight, q)  # the original weight is gone after this
 
     @property
@@ -130,10 +136,11 @@ class NF4Linear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return dequantize_nf4(self.nf4)
+        return dequantize_nf4(self.nf4, self.code)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return NF4LinearFunction.apply(x, self.packed, self.absmax, self.nf4.shape, self.block_size, self.bias)
+        return NF4LinearFunction.apply(x, self.packed, self.absmax, self.nf4.shape, self.block_size, self.bias,
+                                       self.code)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4 block_size={self.block_size}"

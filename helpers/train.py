@@ -3,10 +3,13 @@
 The batches come from ``helpers.fastpath`` (cached frozen blocks, or token ids): each ``Batches`` carries the
 function that turns its inputs into logits, so the code here is the same for both. Accuracy is computed
 here and only here (``calc_accuracy``; ``helpers.evaluate`` reuses it).
+
+Devices: every batch is moved to the model's device; forward passes run under ``precision_for(device)``
+(bf16 or fp16 autocast on CUDA GPUs, float32 elsewhere), and ``optimizer_step`` goes through a GradScaler,
+which only acts under fp16. ``History.seconds`` is read after the device has finished (``clock``).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -15,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from helpers.fastpath import Batches, Forward
+from helpers.models.base import Precision, clock, model_device, precision_for
 
 
 @dataclass
@@ -43,92 +47,131 @@ class History:
     examples_seen: int = 0
     steps: int = 0
     epochs: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the whole loop, the device synchronised before each clock read
     fast_path: bool = False
+    device: str = "cpu"
+    precision: str = "fp32"  # fp32, or the autocast dtype: bf16 / fp16
 
 
 # --- Loss, accuracy, training --------------------------------------------------------------------------
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def batch_loss(model: nn.Module, forward: Forward, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Cross-entropy of one batch at the classification position."""
-    inputs, lengths, labels = (t.to(_device(model)) for t in batch)
+    """Cross-entropy of one batch at the classification position (the batch is moved to the model's device)."""
+    inputs, lengths, labels = (t.to(model_device(model)) for t in batch)
     return F.cross_entropy(forward(model, inputs, lengths), labels)
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """``loss.backward()`` then ``optimizer.step()``, through ``scaler`` (``Precision.grad_scaler``).
+
+    Under fp16 the scaler multiplies the loss before the backward pass, so that small gradients do not round to
+    zero, divides the gradients back before the step, and skips a step whose gradients overflowed. Any other
+    precision has a disabled scaler, and this is exactly backward + step. Call ``optimizer.zero_grad()`` first.
+    """
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 @torch.no_grad()
-def calc_loss(model: nn.Module, batches: Batches, num_batches: int | None = None) -> float:
-    """Mean loss over the first ``num_batches`` batches (all when None)."""
-    losses = [batch_loss(model, batches.forward, batch).item()
-              for _, batch in zip(range(num_batches or len(batches)), batches)]
+def calc_loss(model: nn.Module, batches: Batches, num_batches: int | None = None,
+              precision: Precision | None = None) -> float:
+    """Mean loss over the first ``num_batches`` batches (all when None), under ``precision`` (default:
+    ``precision_for`` the model's device)."""
+    with (precision or precision_for(model_device(model))).autocast():
+        losses = [batch_loss(model, batches.forward, batch).item()
+                  for _, batch in zip(range(num_batches or len(batches)), batches)]
     return sum(losses) / len(losses) if losses else float("nan")
 
 
-def accuracies(model: nn.Module, batches: dict[str, Batches]) -> dict[str, float]:
+def accuracies(model: nn.Module, batches: dict[str, Batches], precision: Precision | None = None) -> dict[str, float]:
     """Accuracy on the whole of each split (notebooks 05-08 report these)."""
-    return {name: calc_accuracy(model, split) for name, split in batches.items()}
+    return {name: calc_accuracy(model, split, precision=precision) for name, split in batches.items()}
 
 
 @torch.no_grad()
-def calc_accuracy(model: nn.Module, batches: Batches, num_batches: int | None = None) -> float:
-    """Fraction of correct predictions over the first ``num_batches`` batches (all when None)."""
+def calc_accuracy(model: nn.Module, batches: Batches, num_batches: int | None = None,
+                  precision: Precision | None = None) -> float:
+    """Fraction of correct predictions over the first ``num_batches`` batches (all when None), under
+    ``precision`` (default: ``precision_for`` the model's device)."""
     correct = total = 0
+    device = model_device(model)
+    precision = precision or precision_for(device)
     for _, (inputs, lengths, labels) in zip(range(num_batches or len(batches)), batches):
-        device = _device(model)
-        predictions = batches.forward(model, inputs.to(device), lengths.to(device)).argmax(dim=-1)
+        with precision.autocast():
+            predictions = batches.forward(model, inputs.to(device), lengths.to(device)).argmax(dim=-1)
         correct += int((predictions == labels.to(device)).sum())
         total += len(labels)
     return correct / total if total else float("nan")
 
 
-def estimate_losses(model: nn.Module, train: Batches, val: Batches, num_batches: int) -> tuple[float, float]:
+def estimate_losses(model: nn.Module, train: Batches, val: Batches, num_batches: int,
+                    precision: Precision | None = None) -> tuple[float, float]:
     """Train and validation loss on a few batches, in eval mode."""
     model.eval()
-    losses = calc_loss(model, train, num_batches), calc_loss(model, val, num_batches)
+    losses = calc_loss(model, train, num_batches, precision), calc_loss(model, val, num_batches, precision)
     model.train()
     return losses
 
 
 def train_classifier(model: nn.Module, train: Batches, val: Batches, cfg: TrainConfig | None = None,
-                     progress: bool = True) -> History:
-    """Fine-tune the trainable parameters with AdamW; evaluate every ``cfg.eval_freq`` steps."""
+                     progress: bool = True, precision: Precision | None = None) -> History:
+    """Fine-tune the trainable parameters with AdamW; evaluate every ``cfg.eval_freq`` steps.
+
+    Runs on the model's device; ``precision`` (training and the evaluations on the way) defaults to
+    ``precision_for`` that device.
+    """
     cfg = cfg or TrainConfig()
+    device = model_device(model)
+    precision = precision or precision_for(device)
+    scaler = precision.grad_scaler()
     torch.manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("No trainable parameters: call add_classifier_head (or apply_lora) first.")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history = History(fast_path=train.cached)
+    history = History(fast_path=train.cached, device=str(device), precision=precision.name)
     steps_per_epoch = min(len(train), cfg.max_steps_per_epoch or len(train))
-    start = time.perf_counter()
+    start = clock(device)
     model.train()
     with tqdm(total=cfg.epochs * steps_per_epoch, desc="training", disable=not progress) as bar:
         for _ in range(cfg.epochs):
             for _, batch in zip(range(steps_per_epoch), train):
                 optimizer.zero_grad()
-                loss = batch_loss(model, train.forward, batch)
-                loss.backward()
-                optimizer.step()
+                with precision.autocast():
+                    loss = batch_loss(model, train.forward, batch)
+                optimizer_step(loss, optimizer, scaler)
                 history.examples_seen += len(batch[2])
                 history.steps += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                if progress and history.steps % 10 == 1:  # .item() waits for the GPU: not at every step
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
                 if history.steps % cfg.eval_freq == 0:
-                    train_loss, val_loss = estimate_losses(model, train, val, cfg.eval_iter)
+                    train_loss, val_loss = estimate_losses(model, train, val, cfg.eval_iter, precision)
                     history.train_losses.append(train_loss)
                     history.val_losses.append(val_loss)
                     history.eval_examples_seen.append(history.examples_seen)
             model.eval()
-            history.train_accs.append(calc_accuracy(model, train, cfg.eval_iter))
-            history.val_accs.append(calc_accuracy(model, val, cfg.eval_iter))
+            history.train_accs.append(calc_accuracy(model, train, cfg.eval_iter, precision))
+            history.val_accs.append(calc_accuracy(model, val, cfg.eval_iter, precision))
             model.train()
             history.epochs += 1
     model.eval()
-    history.seconds = time.perf_counter() - start
+    history.seconds = clock(device) - start
     return history
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the trainable parameters, to start training again from the same point (notebooks 05, 08)."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def restore_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a ``trainable_state`` back into the model (in place: cached batches stay valid)."""
+    params = dict(model.named_parameters())
+    for name, value in state.items():
+        params[name].copy_(value)
 
 
 def history_dict(history: History) -> dict:

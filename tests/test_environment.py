@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONDA_NAMES = {"pytorch": "torch"}  # conda-forge name -> PyPI name
+CONDA_NAMES = {"pytorch": "torch", "nbconvert-core": "nbconvert"}  # conda-forge name -> PyPI name
 
 
 def pip_pins() -> dict[str, str]:

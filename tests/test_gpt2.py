@@ -289,8 +289,9 @@ def test_pick_device_and_seed(monkeypatch):
 
 
 def test_load_model_dispatches(monkeypatch, tiny_folder):
-    monkeypatch.setattr(models, "load_smollm2", lambda: "smollm2")
-    assert models.load_model("SmolLM2-135M") == "smollm2"
+    smollm2 = torch.nn.Linear(1, 1)  # stands for the real model: load_model moves it to the device
+    monkeypatch.setattr(models, "load_smollm2", lambda: smollm2)
+    assert models.load_model("SmolLM2-135M", device="cpu") is smollm2
     assert isinstance(models.load_model(tiny_folder), gpt2.GPT2Model)
 
 

@@ -29,7 +29,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import run_notebooks  # noqa: E402
+from course_run import kernel  # noqa: E402  (scripts/ is on sys.path)
 
 pytestmark = [pytest.mark.slow, pytest.mark.needs_tokenizer]
 
@@ -130,11 +130,23 @@ class Lab:
         return session["kernel"]["id"]
 
 
+class Silent:
+    """``course_run.kernel.Events`` that shows nothing: the notebooks only prepare data and a checkpoint here."""
+
+    def cell_started(self, index: int) -> None: ...
+    def bar(self, text: str) -> None: ...
+    def stream(self, name: str, text: str) -> None: ...
+    def tick(self) -> None: ...
+    def interrupting(self, presses: int) -> None: ...
+
+
 def prepare_classifier(folder: Path) -> Path:
     """Data splits and the smoke-profile checkpoint that notebook 06 loads, made by notebooks 02-05."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in PREPARE:
-        run_notebooks.run(ROOT / "notebooks" / f"{name}.ipynb", folder, timeout=300)
+        outcome = kernel.execute_notebook(ROOT / "notebooks" / f"{name}.ipynb", folder / f"{name}.ipynb", Silent(),
+                                          run_info={})
+        assert outcome.status == "ok", f"{name} failed while preparing notebook 06: {outcome.headline}"
     from helpers import config
 
     checkpoint = config.data_dir() / "checkpoints" / "spam_classifier.pt"

@@ -142,3 +142,38 @@ def test_metrics_and_baseline(dataset):
     assert scores["accuracy"] == pytest.approx(0.6)
     baseline = evaluate.train_bag_of_tokens(dataset, epochs=100)
     assert evaluate.bag_of_tokens_accuracy(baseline, dataset) >= 0.75
+
+
+def test_rebatch_repeats_the_seeded_order_and_restore_restarts_training(dataset):
+    model = tiny_gpt2(n_layers=2, seed=2)
+    batches = fastpath.make_batches(model, dataset, batch_size=4, shuffle=True, drop_last=True, progress=False)
+    tokens = data.make_loader(dataset, batch_size=4, shuffle=True, drop_last=True)
+    first = [labels.tolist() for _, _, labels in fastpath.rebatch(batches, shuffle=True, drop_last=True)]
+    assert first == [labels.tolist() for _, _, labels in tokens]  # the token loader's order
+    assert first == [labels.tolist() for _, _, labels in fastpath.rebatch(batches, shuffle=True, drop_last=True)]
+    fold = fastpath.rebatch(batches, [1, 4, 6])
+    assert fold.cached and [labels.tolist() for _, _, labels in fold] == [[0, 1, 0]]
+
+    start = train.trainable_state(model)
+    assert set(start) == {n for n, p in model.named_parameters() if p.requires_grad}
+    cfg = train.TrainConfig(epochs=2, lr=1e-2, eval_freq=100)
+    train.train_classifier(model, fastpath.rebatch(batches, shuffle=True, drop_last=True), batches, cfg, progress=False)
+    after = train.trainable_state(model)
+    assert not torch.equal(after["out_head.weight"], start["out_head.weight"])
+    train.restore_trainable(model, start)
+    assert train.calc_loss(model, batches) > 0  # restoring trainable weights keeps the cache valid
+    train.train_classifier(model, fastpath.rebatch(batches, shuffle=True, drop_last=True), batches, cfg, progress=False)
+    for name, value in train.trainable_state(model).items():
+        torch.testing.assert_close(value, after[name], atol=0, rtol=0)  # the same run again, exactly
+
+
+def test_accuracy_summary_with_and_without_texts_seen_in_training():
+    test = pd.DataFrame({"Label": [1, 0, 1, 0], "Text": ["WIN now", "hi", "FREE cash", "lunch?"]})
+    seen = data.texts_also_in(test, pd.DataFrame({"Label": [1, 1], "Text": ["WIN now", "FREE cash"]}))
+    assert seen.tolist() == [True, False, True, False]
+    summary = evaluate.accuracy_summary(torch.tensor([1, 1, 1, 0]), torch.tensor([1, 0, 1, 0]), seen)
+    assert summary["accuracy"] == 0.75 and summary["n"] == 4
+    assert summary["standard_error"] == pytest.approx((0.75 * 0.25 / 4) ** 0.5)
+    assert summary["accuracy_unseen"] == 0.5 and summary["n_unseen"] == 2
+    with pytest.raises(ValueError, match="3 entries for 4 predictions"):
+        evaluate.accuracy_summary(torch.tensor([1, 1, 1, 0]), torch.tensor([1, 0, 1, 0]), [True, False, True])

