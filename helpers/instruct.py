@@ -23,12 +23,10 @@ Here, what a model does with it:
   ``max_new_tokens``;
 * ``record_before_after``: the ``instruct.*`` entries of ``outputs/metrics.json``.
 
-Two seams are kept small on purpose, so that sequence packing and the KV-cache generator of
-``helpers.models`` (being written) replace a few lines: ``forward_targets`` (a batch -> logits at its
-targets) and ``generate_answers`` (prompts -> answer ids). Until that generator lands, the end of this module
-runs the blocks with a small key/value cache of its own (``KVCache``, tested token for token against
-generation without a cache). It also computes a prompt start that all examples share (the system prompt and a
-common instruction) only once, when generating and when caching the frozen blocks (``shared_prefix``).
+Both ends reuse ``helpers.models.base`` (h8's sequence packing and KV-cache generation): training batches are
+packed into one row per batch (``Packing``: no padding, every example sees only itself), the frozen prefix is
+computed the same way (``cache_inputs``), and answers come from ``generate`` (greedy, KV cache, stop ids,
+left-padded batches).
 """
 from __future__ import annotations
 
@@ -52,10 +50,9 @@ from helpers.instruct_data import (IGNORE_INDEX, SMS_ANSWERS, SYSTEM_PROMPT, Exa
                                    format_chatml, length_grouped_batches, special_token_id, user_message)
 from helpers.lora import apply_lora
 from helpers.models import load_model
-from helpers.models.base import CausalLM
-from helpers.models.gpt2 import TransformerBlock
-from helpers.models.smollm2 import LlamaBlock, SmolLM2, apply_rope, rope_cos_sin
-from helpers.train import History, TrainConfig
+from helpers.models.base import CausalLM, Packing, generate, model_device
+from helpers.models.smollm2 import SmolLM2
+from helpers.train import History, TrainConfig, restore_trainable, trainable_state
 
 # --- The model and its prompt format (notebook 10) ---------------------------------------------------------------
 
@@ -140,20 +137,27 @@ def lora_top_blocks(model: CausalLM, k: int, rank: int = 8, alpha: float = 16, s
 
 # --- Batches: token ids, or the frozen prefix computed once (notebook 10) -----------------------------------------
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (ids [B, T] or hidden [B, T, D], lengths [B], targets [B, T])
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x, lengths [B], targets): packed [1, N] or padded [B, T]
 
 
-def forward_targets(model: CausalLM, x: torch.Tensor, targets: torch.Tensor, first_block: int = 0
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_targets(model: CausalLM, x: torch.Tensor, targets: torch.Tensor, first_block: int = 0,
+                    lengths: torch.Tensor | Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at the target positions only: ``(logits [N, V], targets [N])``, N = number of targets != -100.
 
     ``x`` is token ids [B, T] (``first_block=0``) or the hidden states [B, T, D] that enter block
-    ``first_block`` (the frozen-prefix cache). Every block runs at every position (later positions need the
-    earlier ones' keys and values); the final norm and the output head only where there is a target.
+    ``first_block`` (the frozen-prefix cache). With ``lengths``, ``x`` is one packed row [1, sum(lengths)]
+    of texts of these lengths (``helpers.models.base.Packing``: positions restart at every text, and a
+    block-diagonal causal mask keeps each text to itself). Every block runs at every position (later positions
+    need the earlier ones' keys and values); the final norm and the output head only where there is a target.
     """
-    h = model.embed(x) if first_block == 0 else x  # [B, T, D]
+    positions = mask = None
+    if lengths is not None:
+        packing = Packing.of(lengths, x.device)
+        packing.check(x)
+        positions, mask = packing.positions, packing.mask
+    h = model.embed(x, positions) if first_block == 0 else x  # [B, T, D]
     for block in model.blocks[first_block:]:
-        h = block(h)
+        h = block(h, positions, mask)
     keep = targets != IGNORE_INDEX  # [B, T]
     return model.out_head(model.final_norm(h[keep])), targets[keep]  # [N, V], [N]
 
@@ -166,10 +170,12 @@ def full_logits_loss(model: CausalLM, ids: torch.Tensor, targets: torch.Tensor) 
 
 @dataclass
 class InstructBatches:
-    """Length-grouped batches ``(x, lengths, targets)`` of formatted examples, padded to each batch's longest.
+    """Length-grouped batches ``(x, lengths, targets)`` of formatted examples.
 
-    ``x`` is token ids, or (``record`` set) the cached input of block ``record.first_block``. With
-    ``shuffle`` every pass is a new seeded order (``seed + epoch``); without it, shortest first.
+    ``x`` is token ids, or (``record`` set) the cached input of block ``record.first_block``. With ``pack``
+    (the default) a batch is one row: the examples one after another, no padding (``x`` [1, N(, D)], targets
+    [1, N]); else each is right-padded to the batch's longest ([B, T(, D)]). With ``shuffle`` every pass is a
+    new seeded order (``seed + epoch``); without it, shortest first.
     """
 
     inputs: list  # per example: token ids (list[int]) or cached hidden states [T, D]
@@ -179,6 +185,7 @@ class InstructBatches:
     shuffle: bool = False
     seed: int = 123
     record: CacheRecord | None = None
+    pack: bool = True
     epoch: int = field(default=0, init=False)
 
     @property
@@ -197,7 +204,13 @@ class InstructBatches:
         return length_grouped_batches(self.lengths(), self.batch_size, self.seed + self.epoch, self.shuffle)
 
     def collate(self, indices: Sequence[int]) -> Batch:
-        targets, lengths, _ = collate([(self.targets[i], 0) for i in indices], IGNORE_INDEX)
+        lengths = torch.tensor([len(self.targets[i]) for i in indices])
+        if self.pack:
+            targets = torch.tensor([t for i in indices for t in self.targets[i]])[None]  # [1, N]
+            if self.cached:
+                return torch.cat([self.inputs[i] for i in indices])[None], lengths, targets  # [1, N, D]
+            return torch.tensor([t for i in indices for t in self.inputs[i]])[None], lengths, targets  # [1, N]
+        targets, _, _ = collate([(self.targets[i], 0) for i in indices], IGNORE_INDEX)
         if self.cached:
             x, _, _ = collate_hidden([(self.inputs[i], 0) for i in indices])
         else:
@@ -219,18 +232,27 @@ class InstructBatches:
             raise ValueError("the new targets must have the lengths of the old ones (same inputs)")
         return replace(self, targets=[list(t) for t in targets])
 
-    def forward(self, model: CausalLM, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, model: CausalLM, x: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward_targets`` from the right block, after checking that the cache still holds."""
         if self.record is not None:
             self.record.check(model, "Call make_instruct_batches again after changing the model.")
-        return forward_targets(model, x, targets, self.first_block)
+        return forward_targets(model, x, targets, self.first_block, lengths if self.pack else None)
+
+    def example_of_targets(self, lengths: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The example (0..B-1 within the batch) of every target != -100, in ``forward_targets``' order."""
+        if self.pack:
+            example = torch.arange(len(lengths), device=targets.device).repeat_interleave(lengths.to(targets.device))
+            return example[targets[0] != IGNORE_INDEX]
+        return (targets != IGNORE_INDEX).nonzero()[:, 0]
 
 
 def make_instruct_batches(model: CausalLM, items: Sequence[Formatted], *, batch_size: int = 8,
-                          shuffle: bool = False, seed: int = 123, cache: bool = True, progress: bool = True
-                          ) -> InstructBatches:
+                          shuffle: bool = False, seed: int = 123, cache: bool = True, pack: bool = True,
+                          progress: bool = True) -> InstructBatches:
     """Batches for ``model``; with ``cache`` and a frozen, dropout-free prefix, its output is computed here once
-    (every position of every example, ``cache_inputs``) and the blocks after it run at each step.
+    (every position of every example, ``cache_inputs``) and the blocks after it run at each step. ``pack``:
+    each batch is one packed row (no padding), else right-padded rows.
 
     Build them after choosing what trains (``train_top_blocks`` / ``lora_top_blocks``): the cache relies on it,
     and a later change raises ``fastpath.StaleCacheError``. Freezing more blocks afterwards is fine (one cache
@@ -240,22 +262,46 @@ def make_instruct_batches(model: CausalLM, items: Sequence[Formatted], *, batch_
     pad_id = model.tokenizer.pad_id
     n_frozen = frozen_prefix(model) if cache else 0
     if not n_frozen:
-        return InstructBatches([list(i) for i, _ in items], targets, pad_id, batch_size, shuffle, seed)
+        return InstructBatches([list(i) for i, _ in items], targets, pad_id, batch_size, shuffle, seed, pack=pack)
     record = CacheRecord.of(model, n_frozen)
     hidden = cache_inputs(model, [inputs for inputs, _ in items], n_frozen, progress=progress)
-    return InstructBatches(hidden, targets, pad_id, batch_size, shuffle, seed, record)
+    return InstructBatches(hidden, targets, pad_id, batch_size, shuffle, seed, record, pack)
+
+
+@torch.no_grad()
+def cache_inputs(model: CausalLM, inputs: Sequence[Sequence[int]], n_blocks: int, batch_size: int = 16,
+                 progress: bool = True) -> list[torch.Tensor]:
+    """The input of block ``n_blocks`` at every position of every example, ``[length, D]`` each, in order.
+
+    Examples go in length-sorted batches, each packed into one row (``Packing``: no padding, each example
+    attends to itself only, so it gets the outputs it would get alone). Kept in CPU memory.
+    """
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    hidden: list[torch.Tensor | None] = [None] * len(inputs)
+    order = length_grouped_batches([len(i) for i in inputs], batch_size, shuffle=False)
+    try:
+        for chunk in tqdm(order, desc="caching frozen blocks", disable=not progress, leave=False):
+            lengths = [len(inputs[i]) for i in chunk]
+            packing = Packing.of(lengths, device)
+            x = model.embed(torch.tensor([t for i in chunk for t in inputs[i]], device=device)[None],
+                            packing.positions)  # [1, N, D]
+            for block in model.blocks[:n_blocks]:
+                x = block(x, packing.positions, packing.mask)
+            for i, h in zip(chunk, x[0].split(lengths)):
+                hidden[i] = h.cpu().clone()  # [length, D], a copy: not a view of the packed row
+    finally:
+        model.train(was_training)
+    return hidden  # type: ignore[return-value]
 
 
 # --- Loss, held-out loss, training (notebook 10) ------------------------------------------------------------------
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def batch_loss(model: CausalLM, batches: InstructBatches, batch: Batch, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy over the batch's targets (the response tokens and the stop token, when the prompt is masked)."""
-    x, _, targets = (t.to(_device(model)) for t in batch)
-    logits, wanted = batches.forward(model, x, targets)
+    x, lengths, targets = (t.to(model_device(model)) for t in batch)
+    logits, wanted = batches.forward(model, x, lengths, targets)
     return F.cross_entropy(logits, wanted, reduction=reduction)
 
 
@@ -286,13 +332,13 @@ def reference_match(model: CausalLM, batches: InstructBatches) -> float:
     model.eval()
     right = total = 0
     for batch in batches:
-        x, _, targets = (t.to(_device(model)) for t in batch)
-        logits, wanted = batches.forward(model, x, targets)
-        rows = (targets != IGNORE_INDEX).nonzero()[:, 0]  # the example of each target
-        wrong = torch.zeros(len(targets), dtype=torch.bool, device=targets.device)
+        x, lengths, targets = (t.to(model_device(model)) for t in batch)
+        logits, wanted = batches.forward(model, x, lengths, targets)
+        rows = batches.example_of_targets(lengths, targets)  # the example of each target
+        wrong = torch.zeros(len(lengths), dtype=torch.bool, device=targets.device)
         wrong[rows[logits.argmax(-1) != wanted]] = True
         right += int((~wrong).sum())
-        total += len(targets)
+        total += len(lengths)
     model.train(was_training)
     return right / total if total else float("nan")
 
@@ -303,19 +349,6 @@ class InstructHistory(History):
 
     epoch_val_losses: list[float] = field(default_factory=list)
     best_epoch: int = 0
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of every trainable parameter."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-@torch.no_grad()
-def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy ``state`` (from ``trainable_state``) back into the model's trainable parameters."""
-    params = dict(model.named_parameters())
-    for name, value in state.items():
-        params[name].copy_(value)
 
 
 def train_instruct(model: CausalLM, train: InstructBatches, val: InstructBatches, cfg: TrainConfig | None = None,
@@ -357,7 +390,7 @@ def train_instruct(model: CausalLM, train: InstructBatches, val: InstructBatches
             if keep_best and history.epoch_val_losses[-1] < best_loss:
                 best, best_loss, history.best_epoch = trainable_state(model), history.epoch_val_losses[-1], epoch
     if keep_best and best is not None and history.best_epoch != history.epochs:
-        load_trainable_state(model, best)
+        restore_trainable(model, best)
     history.best_epoch = history.best_epoch or history.epochs
     model.eval()
     history.seconds = time.perf_counter() - start
@@ -371,8 +404,8 @@ def generate_answers(model: CausalLM, prompts: Sequence[Sequence[int]], max_new_
     """Greedy answer ids (prompt excluded) for every prompt, in order; each ends at its first stop id
     (included) or after ``max_new_tokens``.
 
-    Prompts go in length-sorted batches (little padding); the start that all prompts share (system prompt,
-    a common instruction) is computed once. Runs in eval mode, then restores the mode.
+    Prompts go in length-sorted batches (little padding) through ``helpers.models.base.generate`` (KV cache,
+    left-padded rows). A prompt that would not fit in the context with its answer is an error, not cropped.
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -380,19 +413,12 @@ def generate_answers(model: CausalLM, prompts: Sequence[Sequence[int]], max_new_
     if longest + max_new_tokens > model.cfg.context_length:
         raise ValueError(f"a prompt of {longest} tokens + {max_new_tokens} new ones exceed the context of "
                          f"{model.cfg.context_length}; shorten it or lower max_new_tokens.")
-    was_training = model.training
-    model.eval()
-    try:
-        n_shared = common_prefix_length(prompts)
-        prefix = shared_prefix(model, prompts[0][:n_shared] if prompts else [], len(model.blocks))
-        answers: list[list[int] | None] = [None] * len(prompts)
-        batches = length_grouped_batches([len(p) for p in prompts], batch_size, shuffle=False)
-        for indices in tqdm(batches, desc="generating", disable=not progress, leave=False):
-            rows = [prompts[i][n_shared:] for i in indices]
-            for i, ids in zip(indices, _generate_batch(model, rows, max_new_tokens, stop_ids, prefix)):
-                answers[i] = ids
-    finally:
-        model.train(was_training)
+    answers: list[list[int] | None] = [None] * len(prompts)
+    batches = length_grouped_batches([len(p) for p in prompts], batch_size, shuffle=False)
+    for indices in tqdm(batches, desc="generating", disable=not progress, leave=False):
+        new = generate(model, [list(prompts[i]) for i in indices], max_new_tokens, stop_ids=stop_ids)
+        for i, ids in zip(indices, new):
+            answers[i] = ids
     return answers  # type: ignore[return-value]
 
 
@@ -449,172 +475,3 @@ def record_before_after(task: str, before: dict[str, float], after: dict[str, fl
     """Record ``instruct.<task>.<metric>.{before,after}`` (and ``instruct.<task>.<extra>``) in metrics.json."""
     entry: dict[str, Any] = {name: {"before": before[name], "after": after[name]} for name in before}
     return config.record_metrics({"instruct": {task: {**entry, **extra}}})
-
-
-# --- Running blocks with a key/value cache (local, until helpers.models has its own) ----------------------------------
-# The same blocks, run on one chunk of positions at a time; each layer keeps the keys and values of the positions it
-# has seen. Used to generate (prompts left-padded, so every row's next token is read at the last slot) and to compute
-# a prompt start that all examples share only once. Padding slots are never visible to real tokens.
-
-@dataclass
-class KVCache:
-    """Keys and values [B, H_kv, S, hd] of each layer for the S slots seen so far, and which slots are real [B, S]."""
-
-    layers: list
-    valid: torch.Tensor
-
-    @classmethod
-    def empty(cls, n_layers: int, batch: int, device: torch.device) -> "KVCache":
-        return cls([None] * n_layers, torch.zeros(batch, 0, dtype=torch.bool, device=device))
-
-    def expand(self, batch: int) -> "KVCache":
-        """The cache of one row, shared by ``batch`` rows (a view: no copy)."""
-        layers = [None if kv is None else tuple(t.expand(batch, -1, -1, -1) for t in kv) for kv in self.layers]
-        return KVCache(layers, self.valid.expand(batch, -1))
-
-
-def _embed_at(model: CausalLM, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Token embeddings [B, T, D] of ids at explicit positions (GPT-2 adds its position table)."""
-    x = model.tok_emb(ids)
-    pos_emb = getattr(model, "pos_emb", None)
-    return x + pos_emb(positions) if pos_emb is not None else x
-
-
-def _qkv(block: nn.Module, h: torch.Tensor, positions: torch.Tensor
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Queries [B, H, T, hd], keys and values [B, H_kv, T, hd] of the normed input ``h`` at ``positions`` [B, T]."""
-    attn = block.attn
-    if isinstance(block, LlamaBlock):
-        cos, sin = rope_cos_sin(positions, attn.head_dim, attn.rope_theta)
-        q = apply_rope(attn._heads(attn.q_proj(h), attn.n_heads), cos, sin)
-        k = apply_rope(attn._heads(attn.k_proj(h), attn.n_kv_heads), cos, sin)
-        return q, k, attn._heads(attn.v_proj(h), attn.n_kv_heads)
-    return attn._heads(attn.W_query(h)), attn._heads(attn.W_key(h)), attn._heads(attn.W_value(h))
-
-
-def _block_step(block: nn.Module, x: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor,
-                past: tuple[torch.Tensor, torch.Tensor] | None
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """One block on new positions x [B, T, D], attending to the cached keys/values and their own."""
-    llama = isinstance(block, LlamaBlock)
-    if not (llama or isinstance(block, TransformerBlock)):
-        raise TypeError(f"the key/value cache knows GPT-2 and SmolLM2 blocks, not {type(block).__name__}")
-    q, k, v = _qkv(block, block.attn_norm(x) if llama else block.norm1(x), positions)
-    if past is not None:
-        k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-    group = q.shape[1] // k.shape[1]  # query heads per key/value head (grouped-query attention)
-    context = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
-                                             attn_mask=visible[:, None])  # [B, H, T, hd]
-    x = x + block.attn.out_proj(context.transpose(1, 2).flatten(2))
-    x = x + (block.mlp(block.mlp_norm(x)) if llama else block.ff(block.norm2(x)))
-    return x, (k, v)
-
-
-def _run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, positions: torch.Tensor, new_valid: torch.Tensor,
-                cache: KVCache) -> torch.Tensor:
-    """New slots x [B, T, D] (``new_valid`` [B, T]: which are real) through ``blocks``; the cache grows by T slots."""
-    cache.valid = torch.cat([cache.valid, new_valid], dim=1)
-    n_all, n_new = cache.valid.shape[1], x.shape[1]
-    slots = torch.arange(n_all, device=x.device)
-    query_slots = slots[n_all - n_new:, None]  # [T, 1]
-    # a real key at or before the query's slot; every slot also sees itself (a padding query must see something)
-    visible = (cache.valid[:, None, :] & (slots <= query_slots)) | (slots == query_slots)  # [B, T, S]
-    for i, block in enumerate(blocks):
-        x, cache.layers[i] = _block_step(block, x, positions, visible, cache.layers[i])
-    return x
-
-
-def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    """How many leading tokens all sequences share, leaving each at least one token of its own."""
-    if not sequences:
-        return 0
-    n = min(len(s) for s in sequences) - 1
-    first = sequences[0]
-    for s in sequences[1:]:
-        n = next((i for i in range(n) if s[i] != first[i]), n)
-    return max(n, 0)
-
-
-@dataclass
-class SharedPrefix:
-    """A token run that every sequence starts with, computed once through ``n_blocks`` blocks."""
-
-    length: int
-    cache: KVCache
-    hidden: torch.Tensor  # [length, D]: its output of the last of those blocks
-
-
-def shared_prefix(model: CausalLM, ids: Sequence[int], n_blocks: int) -> SharedPrefix:
-    """Run ``ids`` (one sequence) through the embedding and the first ``n_blocks`` blocks, keeping keys and values."""
-    device = _device(model)
-    cache = KVCache.empty(n_blocks, 1, device)
-    if not ids:
-        return SharedPrefix(0, cache, torch.zeros(0, model.cfg.emb_dim, device=device))
-    ids_t = torch.tensor([list(ids)], device=device)
-    positions = torch.arange(len(ids), device=device)[None]
-    x = _run_blocks(model.blocks[:n_blocks], _embed_at(model, ids_t, positions), positions,
-                    torch.ones_like(ids_t, dtype=torch.bool), cache)
-    return SharedPrefix(len(ids), cache, x[0])
-
-
-def _padded(rows: Sequence[Sequence[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids [B, T], valid [B, T])`` of rows padded on the left or the right."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, row in enumerate(rows):
-        cols = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, cols], valid[i, cols] = torch.tensor(list(row), dtype=torch.long), True
-    return ids.to(device), valid.to(device)
-
-
-@torch.no_grad()
-def cache_inputs(model: CausalLM, inputs: Sequence[Sequence[int]], n_blocks: int, batch_size: int = 16,
-                 progress: bool = True) -> list[torch.Tensor]:
-    """The input of block ``n_blocks`` at every position of every example, ``[length, D]`` each, in order.
-
-    Examples go in length-sorted batches (little padding). A start all examples share (the system prompt and a
-    common instruction) is computed once: under the causal mask its outputs are the same in every example.
-    """
-    was_training = model.training
-    model.eval()
-    n_shared = common_prefix_length(inputs)
-    prefix = shared_prefix(model, inputs[0][:n_shared], n_blocks) if inputs else None
-    hidden: list[torch.Tensor | None] = [None] * len(inputs)
-    order = length_grouped_batches([len(i) for i in inputs], batch_size, shuffle=False)
-    for chunk in tqdm(order, desc="caching frozen blocks", disable=not progress, leave=False):
-        ids, valid = _padded([inputs[i][n_shared:] for i in chunk], model.tokenizer.pad_id, False, _device(model))
-        positions = n_shared + torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
-        x = _run_blocks(model.blocks[:n_blocks], _embed_at(model, ids, positions), positions, valid,
-                        prefix.cache.expand(len(chunk)))
-        for row, i in enumerate(chunk):
-            hidden[i] = torch.cat([prefix.hidden, x[row, : len(inputs[i]) - n_shared]]).cpu()
-    model.train(was_training)
-    return hidden  # type: ignore[return-value]
-
-
-@torch.no_grad()
-def _generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                    stop_ids: Sequence[int], prefix: SharedPrefix) -> list[list[int]]:
-    """Greedy answers of a batch of prompts that all start with ``prefix`` (only the rest is passed); each cut
-    after its first stop id."""
-    device = _device(model)
-    ids, valid = _padded(prompts, model.tokenizer.pad_id, True, device)  # every prompt ends at the last slot
-    positions = prefix.length + (valid.long().cumsum(1) - 1).clamp(min=0)  # each row counts its own positions
-    cache = prefix.cache.expand(len(prompts))
-    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    x = _run_blocks(model.blocks, _embed_at(model, ids, positions), positions, valid, cache)
-    next_position = positions[:, -1:] + 1
-    new, done = [], torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        token = model.out_head(model.final_norm(x[:, -1])).argmax(-1)  # [B]
-        new.append(token)
-        done |= torch.isin(token, stops)
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        x = _run_blocks(model.blocks, _embed_at(model, token[:, None], next_position), next_position,
-                        torch.ones_like(token[:, None], dtype=torch.bool), cache)
-        next_position = next_position + 1
-    rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in prompts]
-    stop_set = set(stops.tolist())
-    return [row[: next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))] for row in rows]

@@ -23,7 +23,7 @@ from helpers.instruct_data import (IGNORE_INDEX, SMS_INSTRUCTION, alpaca_prompt_
                                    prompt_and_targets, special_token_id, user_message)
 from helpers.lora import lora_layers
 from helpers.models import smollm2
-from helpers.models.base import count_params, generate_greedy
+from helpers.models.base import count_params, generate
 from helpers.models.gpt2 import GPT2Config, GPT2Model
 from helpers.train import TrainConfig
 
@@ -71,7 +71,7 @@ KINDS = ["gpt2", "smollm2"]
 @pytest.mark.parametrize("kind", KINDS)
 def test_response_loss_is_the_masked_mean_computed_by_hand(kind):
     model = tiny(kind)
-    batches = instruct.make_instruct_batches(model, tiny_items(6), batch_size=3, cache=False)
+    batches = instruct.make_instruct_batches(model, tiny_items(6), batch_size=3, cache=False, pack=False)
     for ids, lengths, targets in batches:
         assert (targets[:, :1] == IGNORE_INDEX).all() and (targets != IGNORE_INDEX).any()
         with torch.no_grad():
@@ -86,12 +86,31 @@ def test_response_loss_is_the_masked_mean_computed_by_hand(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_logits_only_at_targets_equal_the_full_logits_loss(kind):
     model = tiny(kind)
-    batches = instruct.make_instruct_batches(model, tiny_items(8), batch_size=4, cache=False)
+    batches = instruct.make_instruct_batches(model, tiny_items(8), batch_size=4, cache=False, pack=False)
     for ids, _, targets in batches:
         logits, wanted = instruct.forward_targets(model, ids, targets)
         assert logits.shape == (int((targets != IGNORE_INDEX).sum()), VOCAB)
         torch.testing.assert_close(F.cross_entropy(logits, wanted), instruct.full_logits_loss(model, ids, targets),
                                    atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cache", [False, True])
+def test_packed_batches_give_the_padded_losses(kind, cache):
+    """One packed row per batch (no padding, block-diagonal mask): the same targets and loss as padded rows."""
+    model = instruct.train_top_blocks(tiny(kind), k=1)
+    items = tiny_items(8)
+    packed = instruct.make_instruct_batches(model, items, batch_size=4, cache=cache, progress=False)
+    padded = instruct.make_instruct_batches(model, items, batch_size=4, cache=cache, pack=False, progress=False)
+    assert packed.pack and packed.cached == cache
+    for batch_k, batch_d in zip(packed, padded):
+        x, lengths, targets = batch_k
+        assert x.shape[:2] == targets.shape == (1, int(lengths.sum())) and torch.equal(lengths, batch_d[1])
+        assert targets[targets != IGNORE_INDEX].tolist() == batch_d[2][batch_d[2] != IGNORE_INDEX].tolist()
+        with torch.no_grad():
+            torch.testing.assert_close(instruct.batch_loss(model, packed, batch_k),
+                                       instruct.batch_loss(model, padded, batch_d), atol=1e-5, rtol=1e-5)
+    assert instruct.reference_match(model, packed) == instruct.reference_match(model, padded)
 
 
 def test_response_loss_counts_every_token_once():
@@ -246,9 +265,8 @@ def test_training_needs_something_to_train():
 # --- Generation -----------------------------------------------------------------------------------------------------
 
 def uncached_greedy(model, prompt: list[int], max_new: int, stop_ids) -> list[int]:
-    """helpers.models.base.generate_greedy (recomputes the whole sequence each step), cut after the first stop."""
-    new = generate_greedy(model, torch.tensor(prompt), max_new)[0, len(prompt):].tolist()
-    return new[: next((i + 1 for i, t in enumerate(new) if t in stop_ids), len(new))]
+    """helpers.models.base.generate without its KV cache (recomputes the whole sequence each step), one prompt."""
+    return generate(model, prompt, max_new, stop_ids=stop_ids, kv_cache=False)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -261,13 +279,10 @@ def test_batched_generation_with_the_cache_equals_generation_without(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_shared_prompt_start_is_computed_once_and_changes_nothing(kind):
+def test_prompts_sharing_a_start_and_the_packed_cache_equal_one_at_a_time(kind):
     model = tiny(kind)
     start = [11, 12, 13, 14, 15, 16]
     prompts = [start + tail for tail in ([40], [41, 42, 43], [44, 45], [46] * 9)]
-    assert instruct.common_prefix_length(prompts) == 6
-    assert instruct.common_prefix_length([[1, 2], [1, 2]]) == 1  # each keeps a token of its own
-    assert instruct.common_prefix_length([[1, 2], [3, 2]]) == instruct.common_prefix_length([]) == 0
     answers = instruct.generate_answers(model, prompts, max_new_tokens=5, stop_ids=[], batch_size=3)
     assert answers == [uncached_greedy(model, p, 5, []) for p in prompts]
     hidden = instruct.cache_inputs(model, prompts, n_blocks=2, batch_size=3, progress=False)
@@ -276,6 +291,7 @@ def test_a_shared_prompt_start_is_computed_once_and_changes_nothing(kind):
             x = model.embed(torch.tensor([prompt]))
             for block in model.blocks[:2]:
                 x = block(x)
+        assert h.shape == (len(prompt), model.cfg.emb_dim)
         torch.testing.assert_close(h, x[0], atol=1e-5, rtol=1e-5)
 
 
