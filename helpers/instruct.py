@@ -23,7 +23,7 @@ Here, what a model does with it:
   ``max_new_tokens``;
 * ``record_before_after``: the ``instruct.*`` entries of ``outputs/metrics.json``.
 
-Both ends reuse ``helpers.models.base`` (h8's sequence packing and KV-cache generation): training batches are
+Both ends reuse ``helpers.models.base`` (sequence packing, notebook 07; KV-cache generation): training batches are
 packed into one row per batch (``Packing``: no padding, every example sees only itself), the frozen prefix is
 computed the same way (``cache_inputs``), and answers come from ``generate`` (greedy, KV cache, stop ids,
 left-padded batches).
@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -429,16 +429,6 @@ def answer_texts(model: CausalLM, fmt: PromptFormat, examples: Sequence[Example]
     generated = generate_answers(model, prompts, max_new_tokens, fmt.stop_ids, batch_size=batch_size,
                                  progress=progress)
     return [decode_answer(ids, fmt.tokenizer, fmt.stop_ids) for ids in generated]
-
-
-def seconds_per_call(fn: Callable[[], Any], repeat: int = 1) -> float:
-    """Wall-clock seconds of ``fn()``, the fastest of ``repeat`` runs."""
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 # --- Tables and the record (notebooks 10 and 11) ------------------------------------------------------------------
