@@ -533,8 +533,8 @@ def generate(model: nn.Module, prompts: Prompts, max_new_tokens: int, *, tempera
     autocast = precision_for(device).autocast
     pad_id = getattr(model.tokenizer, "pad_id", 0)
     width = max(map(len, rows))
-    ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows], device=device)  # [B, P] left-padded
-    real = torch.tensor([[False] * (width - len(row)) + [True] * len(row) for row in rows], device=device)
+    ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows]).to(device)  # [B, P] left-padded
+    real = torch.tensor([[False] * (width - len(row)) + [True] * len(row) for row in rows]).to(device)
     positions = (real.cumsum(dim=1) - 1).clamp(min=0)  # 0 at each row's first real token
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     cache = [KVCache() for _ in model.blocks] if kv_cache else None
