@@ -585,7 +585,7 @@ def generate(model: nn.Module, prompts: Prompts, max_new_tokens: int, *, tempera
             mask = _generation_mask(real, step_ids.shape[1])
             with autocast():
                 hidden = model.forward_hidden(step_ids, step_positions, mask, cache)[:, -1]  # [B, D]
-                logits = model.out_head(hidden)  # [B, V]
+                logits = model.out_head(hidden).float()  # [B, V]
             token = _next_tokens(logits, temperature, top_k, generator)  # [B]
             for row, t in zip(out, token.tolist()):
                 if not (row and row[-1] in stops):  # a finished row only waits for the others
