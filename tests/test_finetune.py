@@ -1,0 +1,233 @@
+"""``python -m helpers.finetune``: the notebooks' results, resume after an interruption, clear errors, and
+2 gloo processes under torchrun against one process (the tiny GPT-2 of conftest, the SMS data it serves).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import checkpoints, data, fastpath, finetune, train
+from helpers.distributed import sharded_loader
+from helpers.models import load_model
+from helpers.models.base import add_classifier_head
+from test_distributed import assert_relative_close, free_port, process_env, run_bounded
+
+pytestmark = pytest.mark.needs_tokenizer
+TESTS = Path(__file__).resolve().parent
+FEW_STEPS = ["--epochs", "1", "--max-steps-per-epoch", "4", "--eval-freq", "2", "--eval-iter", "2", "--no-progress"]
+RESULTS = {"classifier.pt", "metrics.json", "finetune-loss.png", "finetune-accuracy.png"}
+
+
+def finetune_ok(*argv: str) -> dict:
+    """Run the command in this process; it must succeed. Returns its metrics.json."""
+    assert finetune.main(list(argv)) == 0
+    out = Path(argv[argv.index("--output") + 1])
+    return json.loads((out / "metrics.json").read_text())
+
+
+def reference_classifier(batch_size: int = 8, steps: int = 4, eval_freq: int = 2, eval_iter: int = 2):
+    """Notebook 05's helpers with the same settings: head, cached batches, ``train.train_classifier``.
+
+    The one difference is the shuffle: the command draws each epoch's order from a ``DistributedSampler``
+    (seed + epoch, the same for 1 or N processes), while the notebook's DataLoader draws it from its generator
+    after taking a worker seed from it. So the reference trains on the command's order: its one-process form.
+    """
+    model = add_classifier_head(load_model(device="cpu"), num_classes=2, trainable_blocks=1, seed=123)
+    datasets = data.tokenize_splits(data.load_splits(), model.tokenizer, context_length=model.cfg.context_length)
+    batches = {name: fastpath.make_batches(model, ds, batch_size=batch_size, progress=False)
+               for name, ds in datasets.items()}
+    cached = batches["train"]
+    order = sharded_loader(cached.loader.dataset, batch_size, seed=123, rank=0, world_size=1,
+                           collate_fn=cached.loader.collate_fn)
+    cfg = train.TrainConfig(epochs=1, max_steps_per_epoch=steps, eval_freq=eval_freq, eval_iter=eval_iter)
+    history = train.train_classifier(model, fastpath.Batches(order, cached.forward, cached.cached), batches["validation"],
+                                     cfg, progress=False)
+    return model, batches, history
+
+
+def test_classify_equals_the_notebook_helpers(tmp_path):
+    out = tmp_path / "run"
+    metrics = finetune_ok("--task", "classify", "--method", "last-block", "--output", str(out), "--device", "cpu",
+                          *FEW_STEPS)
+    assert {p.name for p in out.iterdir()} == RESULTS  # one checkpoint, no resume.pt left behind
+    model, batches, history = reference_classifier()
+    saved = checkpoints.load_classifier(out / "classifier.pt", device="cpu")
+    initial = add_classifier_head(load_model(device="cpu"), num_classes=2, trainable_blocks=1, seed=123)
+    trained = 0
+    for name, expected in model.state_dict().items():
+        assert_relative_close(saved.state_dict()[name], expected, name)
+        trained += not torch.equal(expected, initial.state_dict()[name])
+    assert trained >= 10, "the last block, final norm and head should have trained"
+    assert metrics["history"]["steps"] == history.steps == 4
+    # validation: the same batches (the training figures differ: the command evaluates the training split
+    # in order, so that a resumed run evaluates on the same batches as an uninterrupted one)
+    assert metrics["history"]["val_losses"] == pytest.approx(history.val_losses, rel=1e-5)
+    assert metrics["history"]["val_accs"] == pytest.approx(history.val_accs, abs=1e-9)
+    assert metrics["accuracy"] == pytest.approx(train.accuracies(model, batches), abs=1e-9)
+    assert metrics["fast_path"] and metrics["labels"] == {"ham": 0, "spam": 1}
+
+
+def interrupt_at(monkeypatch, call: int) -> None:
+    """Make the ``call``-th optimizer step raise, as a killed run stops: nothing else is written."""
+    calls = {"n": 0}
+    real = finetune.optimizer_step
+
+    def killed(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "optimizer_step", killed)
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    settings = ["--epochs", "2", "--max-steps-per-epoch", "3", "--eval-freq", "2", "--eval-iter", "1",
+                "--save-every", "2", "--method", "last-k", "--k", "2", "--device", "cpu", "--no-progress"]
+    whole = finetune_ok(*settings, "--output", str(tmp_path / "whole"))
+    interrupt_at(monkeypatch, 6)  # resume.pt holds step 4 (epoch 2, 1 batch done); step 5 is lost
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main([*settings, "--output", str(tmp_path / "cut")])
+    assert {p.name for p in (tmp_path / "cut").iterdir()} == {"resume.pt"}
+    state = torch.load(tmp_path / "cut" / "resume.pt", weights_only=True)
+    assert (state["epoch"], state["done"], state["history"]["steps"]) == (1, 1, 4)
+    monkeypatch.undo()
+    resumed = finetune_ok(*settings, "--output", str(tmp_path / "cut"), "--resume")
+    assert {p.name for p in (tmp_path / "cut").iterdir()} == RESULTS
+    a, b = (torch.load(tmp_path / run / "classifier.pt", weights_only=True)["state_dict"] for run in ("whole", "cut"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after resuming"
+    for key in ("steps", "examples_seen", "epochs", "train_losses", "val_losses", "train_accs", "val_accs"):
+        assert resumed["history"][key] == whole["history"][key], key
+    assert resumed["accuracy"] == whole["accuracy"]
+
+
+def test_lora_writes_adapters_and_the_head(tmp_path):
+    out = tmp_path / "lora"
+    metrics = finetune_ok("--method", "lora", "--lora-rank", "2", "--output", str(out), "--device", "cpu",
+                          *FEW_STEPS)
+    assert {p.name for p in out.iterdir()} == RESULTS - {"classifier.pt"} | {"adapters.safetensors"}
+    model = checkpoints.load_adapters(load_model(device="cpu"), out / "adapters.safetensors")
+    assert metrics["trainable_params"] < metrics["params"] / 10
+    assert metrics["accuracy"]["test"] == pytest.approx(
+        train.calc_accuracy(model, fastpath.make_batches(model, data.tokenize_splits(
+            data.load_splits(), model.tokenizer)["test"], progress=False)), abs=1e-9)
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for action in finetune.build_parser()._actions:
+        for option in action.option_strings:
+            assert option in text
+            assert action.help, f"{option} has no help text"
+    for word in ("torchrun", "resume.pt", "adapters.safetensors", "global batch"):
+        assert word in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "no_such_file.csv"], "no such file"),
+    (["--resume"], "nothing to resume"),
+    (["--method", "last-k", "--k", "99"], "--k 99: this model has 2 blocks"),
+    (["--batch-size", "5000"], "do not fill one global batch"),
+])
+def test_bad_options_stop_with_a_message(tmp_path, capsys, argv, message):
+    assert finetune.main([*argv, "--output", str(tmp_path / "out"), "--device", "cpu", "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--lr", "0"], ["--epochs", "-1"], ["--method", "everything"],
+                                  ["--task", "translate"], ["--batch-size", "two"]])
+def test_malformed_options_are_refused_by_the_parser(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(argv)
+    assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_a_finished_run_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "classifier.pt").write_bytes(b"the user's result")
+    assert finetune.main(["--output", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "classifier.pt").read_bytes() == b"the user's result"
+
+
+def test_a_bad_data_file_stops_with_a_message(tmp_path, capsys):
+    bad = tmp_path / "labels.csv"
+    bad.write_text("text,label\n" + "".join(f"message {i},ham\n" for i in range(20)))
+    assert finetune.main(["--data", str(bad), "--output", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    assert "only one label" in capsys.readouterr().err
+
+
+def test_own_labelled_file(tmp_path):
+    rows = [(f"order {i} arrived late, please refund", "complaint") for i in range(30)]
+    rows += [(f"thanks, item {i} works great", "praise") for i in range(30)]
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("".join(json.dumps({"review": t, "kind": k}) + "\n" for t, k in rows))
+    metrics = finetune_ok("--data", str(path), "--text-column", "review", "--label-column", "kind", "--batch-size",
+                          "4", "--output", str(tmp_path / "out"), "--device", "cpu", *FEW_STEPS)
+    assert metrics["labels"] == {"complaint": 0, "praise": 1}
+    assert checkpoints.load_classifier(tmp_path / "out" / "classifier.pt", device="cpu").labels == metrics["labels"]
+
+
+# --- 2 gloo processes under torchrun --------------------------------------------------------------------------
+
+DDP_STEPS = ["--epochs", "2", "--max-steps-per-epoch", "2", "--eval-freq", "2", "--eval-iter", "1",
+             "--method", "last-block", "--device", "cpu", "--no-progress"]
+
+
+def launch(tmp: Path, name: str, processes: int, batch_size: int) -> tuple[Path, list[dict], str]:
+    """``finetune_worker.py`` on ``processes`` gloo processes (torchrun) or as one plain process."""
+    out, states = tmp / name, tmp / f"{name}-states"
+    states.mkdir()
+    worker = [str(TESTS / "finetune_worker.py"), str(states), "--output", str(out), "--batch-size", str(batch_size),
+              *DDP_STEPS]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={processes}",
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--max_restarts=0"]
+    cmd = [*torchrun, *worker] if processes > 1 else [sys.executable, *worker]
+    result = run_bounded(cmd, process_env(), f"helpers.finetune on {processes} process(es)")
+    assert result.returncode == 0, f"exit {result.returncode}:\n{result.stdout[-3000:]}"
+    return out, [torch.load(states / f"rank{r}.pt", weights_only=True) for r in range(processes)], result.stdout
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    data.load_splits()  # prepared once here, read by every process
+    tmp = tmp_path_factory.mktemp("finetune-ddp")
+    return launch(tmp, "two", 2, 4), launch(tmp, "one", 1, 8)
+
+
+def test_two_processes_equal_one_process_with_the_global_batch(ddp_runs):
+    (out, ranks, stdout), (_, (single,), _) = ddp_runs
+    assert [(r["rank"], r["world_size"], r["backend"], r["threads"], r["steps"]) for r in ranks] == [
+        (0, 2, "gloo", 1, 4), (1, 2, "gloo", 1, 4)]
+    assert (single["world_size"], single["threads"], single["steps"]) == (1, 1, 4)
+    initial = add_classifier_head(load_model(device="cpu"), num_classes=2, trainable_blocks=1, seed=123).state_dict()
+    trainable = set(ranks[0]["trainable"])
+    assert trainable and not any(n.endswith(".attn.W_key.bias") for n in trainable)
+    for name, expected in single["state"].items():
+        assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), f"{name} differs between ranks"
+        if name in trainable:
+            assert not torch.equal(expected, initial[name]), f"{name} did not train"
+            assert_relative_close(ranks[0]["state"][name], expected, name)
+        else:
+            assert torch.equal(ranks[0]["state"][name], initial[name]), f"frozen {name} changed"
+    assert stdout.count("training examples") == 1, "only rank 0 prints"
+
+
+def test_two_processes_write_one_checkpoint_without_module_prefix(ddp_runs):
+    (out, ranks, _), _ = ddp_runs
+    assert {p.name for p in out.iterdir()} == RESULTS
+    saved = torch.load(out / "classifier.pt", weights_only=True)["state_dict"]
+    assert not any(name.startswith(("module.", "model.")) for name in saved)
+    for name, tensor in ranks[0]["state"].items():
+        assert torch.equal(saved[name], tensor)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["world_size"], metrics["backend"], metrics["history"]["examples_seen"]) == (2, "gloo", 32)
