@@ -41,7 +41,8 @@ from helpers.fastpath import Batches, make_batches
 from helpers.lora import apply_lora, apply_qlora
 from helpers.models import load_model
 from helpers.models.base import (
-    CheckpointError, add_classifier_head, clock, count_params, model_device, precision_for, set_seed,
+    CheckpointError, add_classifier_head, clock, count_params, last_token_logits, model_device, precision_for,
+    set_seed,
 )
 from helpers.train import (
     History, TrainConfig, accuracies, history_dict, optimizer_step, record_epoch, record_losses, restore_trainable,
@@ -77,7 +78,8 @@ def _number(kind: type, minimum: float, strict: bool) -> Callable[[str], Any]:
     return parse
 
 
-positive_int, positive_float, non_negative_float = _number(int, 0, True), _number(float, 0, True), _number(float, 0, False)
+positive_int, positive_float = _number(int, 0, True), _number(float, 0, True)
+non_negative_float = _number(float, 0, False)
 
 EPILOG = """\
 outputs (in --output): classifier.pt (or adapters.safetensors for lora/qlora), metrics.json,
@@ -109,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
              "default: COURSE_MODEL, else gpt2")
     add("--method", choices=METHODS, default="last-block",
         help="what trains: the last block (+ final norm and head), the last --k blocks, all weights, or LoRA "
-             "adapters on every block's linear layers (qlora: on NF4 weights) plus the head. Default: last-block")
+             "adapters on every block's linear layers (qlora: on NF4 weights) plus the head. "
+             "Default: last-block")
     add("--k", type=positive_int, default=2, help="blocks trained by --method last-k (default: 2)")
     add("--lora-rank", type=positive_int, default=16, help="LoRA rank (default: 16)")
     add("--lora-alpha", type=positive_float, default=16.0, help="LoRA alpha; the update is scaled by alpha/rank "
@@ -171,7 +174,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 class Job:
     """A task made ready: the model inside its loss module, the training examples, how to evaluate and save."""
 
-    step: LossModule  # (model, its forward, its loss): the one module DDP wraps
+    step: nn.Module  # LossModule(model, its forward, its loss), wrapped by DDP under torchrun (wrap_model)
     train_set: Dataset
     collate: Callable
     log_losses: Callable[[History], None]  # rank 0, every --eval-freq steps
@@ -224,11 +227,14 @@ def classify_job(args: argparse.Namespace, context: DistContext) -> Job:
     splits, labels = classify_splits(args)
     datasets = data.tokenize_splits(splits, model.tokenizer, context_length=model.cfg.context_length)
     choose_trainable(model, args, num_classes=len(labels))
+    loss = LossModule(model, last_token_logits, classification_loss_sum)
+    step = wrap_model(loss, context)  # before caching: DDP starts by copying rank 0's weights in place
     batches = {name: make_batches(model, ds, batch_size=args.batch_size, seed=args.seed, progress=False)
                for name, ds in datasets.items()}  # in order: evaluation, and the source of the training batches
     cfg, train, val = train_config(args), batches["train"], batches["validation"]
+    loss.logits_of = train.forward  # from the cached frozen blocks when the method allows it
     save, checkpoint = saver(args, datasets["train"].max_length, labels)
-    return Job(step=LossModule(model, train.forward, classification_loss_sum), train_set=train.loader.dataset,
+    return Job(step=step, train_set=train.loader.dataset,
                collate=train.loader.collate_fn,
                log_losses=lambda history: record_losses(history, model, train, val, cfg),
                log_epoch=lambda history: record_epoch(history, model, train, val, cfg),
@@ -312,7 +318,7 @@ def train_step(step: nn.Module, batch: Sequence[torch.Tensor], optimizer: torch.
 
 def fit(job: Job, args: argparse.Namespace, context: DistContext) -> tuple[nn.Module, History]:
     """``--epochs`` epochs of AdamW on this process's shard of every global batch; rank 0 evaluates and logs."""
-    step = wrap_model(job.step, context)  # requires_grad was set by the job: DDP sees what trains
+    step = job.step
     loader = sharded_loader(job.train_set, args.batch_size, seed=args.seed, collate_fn=job.collate)
     steps_per_epoch = min(len(loader), args.max_steps_per_epoch or len(loader))
     if steps_per_epoch == 0:
@@ -387,7 +393,7 @@ def run(args: argparse.Namespace, context: DistContext) -> tuple[nn.Module, Hist
     """Set up the task, train, write the results; returns the (wrapped) step module, the history, the metrics."""
     set_seed(args.seed)
     job = make_job(args, context)
-    model = job.step.model
+    model = unwrap(job.step)
     print_main(f"{args.task} with {args.model} ({args.method}): trainable {count_params(model, True):,} of "
                f"{count_params(model):,} parameters; {len(job.train_set)} training examples; "
                f"{context.world_size} process(es), global batch {args.batch_size * context.world_size}")

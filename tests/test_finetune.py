@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import checkpoints, data, fastpath, finetune, train
+from helpers import checkpoints, data, fastpath, finetune, own_data, train
 from helpers.distributed import sharded_loader
 from helpers.models import load_model
 from helpers.models.base import add_classifier_head
@@ -20,6 +20,20 @@ pytestmark = pytest.mark.needs_tokenizer
 TESTS = Path(__file__).resolve().parent
 FEW_STEPS = ["--epochs", "1", "--max-steps-per-epoch", "4", "--eval-freq", "2", "--eval-iter", "2", "--no-progress"]
 RESULTS = {"classifier.pt", "metrics.json", "finetune-loss.png", "finetune-accuracy.png"}
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory) -> Path:
+    """A small labelled file of the learner's own (JSONL, other column names): fast runs, whole-split metrics."""
+    rows = [(f"order {i} arrived late and broken, please refund", "complaint") for i in range(40)]
+    rows += [(f"thanks, item {i} works great", "praise") for i in range(40)]
+    path = tmp_path_factory.mktemp("own") / "reviews.jsonl"
+    path.write_text("".join(json.dumps({"review": t, "kind": k}) + "\n" for t, k in rows))
+    return path
+
+
+def own_file(path: Path) -> list[str]:
+    return ["--data", str(path), "--text-column", "review", "--label-column", "kind"]
 
 
 def finetune_ok(*argv: str) -> dict:
@@ -44,8 +58,8 @@ def reference_classifier(batch_size: int = 8, steps: int = 4, eval_freq: int = 2
     order = sharded_loader(cached.loader.dataset, batch_size, seed=123, rank=0, world_size=1,
                            collate_fn=cached.loader.collate_fn)
     cfg = train.TrainConfig(epochs=1, max_steps_per_epoch=steps, eval_freq=eval_freq, eval_iter=eval_iter)
-    history = train.train_classifier(model, fastpath.Batches(order, cached.forward, cached.cached), batches["validation"],
-                                     cfg, progress=False)
+    history = train.train_classifier(model, fastpath.Batches(order, cached.forward, cached.cached),
+                                     batches["validation"], cfg, progress=False)
     return model, batches, history
 
 
@@ -85,8 +99,9 @@ def interrupt_at(monkeypatch, call: int) -> None:
     monkeypatch.setattr(finetune, "optimizer_step", killed)
 
 
-def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    settings = ["--epochs", "2", "--max-steps-per-epoch", "3", "--eval-freq", "2", "--eval-iter", "1",
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch, reviews):
+    settings = [*own_file(reviews), "--batch-size", "4", "--epochs", "2", "--max-steps-per-epoch", "3",
+                "--eval-freq", "2", "--eval-iter", "1",
                 "--save-every", "2", "--method", "last-k", "--k", "2", "--device", "cpu", "--no-progress"]
     whole = finetune_ok(*settings, "--output", str(tmp_path / "whole"))
     interrupt_at(monkeypatch, 6)  # resume.pt holds step 4 (epoch 2, 1 batch done); step 5 is lost
@@ -106,16 +121,17 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, monk
     assert resumed["accuracy"] == whole["accuracy"]
 
 
-def test_lora_writes_adapters_and_the_head(tmp_path):
+def test_lora_writes_adapters_and_the_head(tmp_path, reviews):
     out = tmp_path / "lora"
-    metrics = finetune_ok("--method", "lora", "--lora-rank", "2", "--output", str(out), "--device", "cpu",
-                          *FEW_STEPS)
+    metrics = finetune_ok(*own_file(reviews), "--batch-size", "4", "--method", "lora", "--lora-rank", "2",
+                          "--output", str(out), "--device", "cpu", *FEW_STEPS)
     assert {p.name for p in out.iterdir()} == RESULTS - {"classifier.pt"} | {"adapters.safetensors"}
     model = checkpoints.load_adapters(load_model(device="cpu"), out / "adapters.safetensors")
     assert metrics["trainable_params"] < metrics["params"] / 10
+    df, _ = own_data.load_labelled(reviews, "review", "kind")
+    test = data.tokenize_splits(own_data.stratified_split(df), model.tokenizer)["test"]
     assert metrics["accuracy"]["test"] == pytest.approx(
-        train.calc_accuracy(model, fastpath.make_batches(model, data.tokenize_splits(
-            data.load_splits(), model.tokenizer)["test"], progress=False)), abs=1e-9)
+        train.calc_accuracy(model, fastpath.make_batches(model, test, progress=False)), abs=1e-9)
 
 
 def test_help_documents_every_option(capsys):
@@ -166,13 +182,9 @@ def test_a_bad_data_file_stops_with_a_message(tmp_path, capsys):
     assert "only one label" in capsys.readouterr().err
 
 
-def test_own_labelled_file(tmp_path):
-    rows = [(f"order {i} arrived late, please refund", "complaint") for i in range(30)]
-    rows += [(f"thanks, item {i} works great", "praise") for i in range(30)]
-    path = tmp_path / "reviews.jsonl"
-    path.write_text("".join(json.dumps({"review": t, "kind": k}) + "\n" for t, k in rows))
-    metrics = finetune_ok("--data", str(path), "--text-column", "review", "--label-column", "kind", "--batch-size",
-                          "4", "--output", str(tmp_path / "out"), "--device", "cpu", *FEW_STEPS)
+def test_own_labelled_file(tmp_path, reviews):
+    metrics = finetune_ok(*own_file(reviews), "--batch-size", "4", "--output", str(tmp_path / "out"), "--device",
+                          "cpu", *FEW_STEPS)
     assert metrics["labels"] == {"complaint": 0, "praise": 1}
     assert checkpoints.load_classifier(tmp_path / "out" / "classifier.pt", device="cpu").labels == metrics["labels"]
 
@@ -183,12 +195,12 @@ DDP_STEPS = ["--epochs", "2", "--max-steps-per-epoch", "2", "--eval-freq", "2", 
              "--method", "last-block", "--device", "cpu", "--no-progress"]
 
 
-def launch(tmp: Path, name: str, processes: int, batch_size: int) -> tuple[Path, list[dict], str]:
+def launch(tmp: Path, reviews: Path, name: str, processes: int, batch_size: int) -> tuple[Path, list[dict], str]:
     """``finetune_worker.py`` on ``processes`` gloo processes (torchrun) or as one plain process."""
     out, states = tmp / name, tmp / f"{name}-states"
     states.mkdir()
     worker = [str(TESTS / "finetune_worker.py"), str(states), "--output", str(out), "--batch-size", str(batch_size),
-              *DDP_STEPS]
+              *own_file(reviews), *DDP_STEPS]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={processes}",
                 "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--max_restarts=0"]
     cmd = [*torchrun, *worker] if processes > 1 else [sys.executable, *worker]
@@ -198,10 +210,9 @@ def launch(tmp: Path, name: str, processes: int, batch_size: int) -> tuple[Path,
 
 
 @pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory):
-    data.load_splits()  # prepared once here, read by every process
+def ddp_runs(tmp_path_factory, reviews):
     tmp = tmp_path_factory.mktemp("finetune-ddp")
-    return launch(tmp, "two", 2, 4), launch(tmp, "one", 1, 8)
+    return launch(tmp, reviews, "two", 2, 4), launch(tmp, reviews, "one", 1, 8)
 
 
 def test_two_processes_equal_one_process_with_the_global_batch(ddp_runs):
@@ -210,6 +221,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(ddp_runs):
         (0, 2, "gloo", 1, 4), (1, 2, "gloo", 1, 4)]
     assert (single["world_size"], single["threads"], single["steps"]) == (1, 1, 4)
     initial = add_classifier_head(load_model(device="cpu"), num_classes=2, trainable_blocks=1, seed=123).state_dict()
+    assert set(initial) == set(single["state"])
     trainable = set(ranks[0]["trainable"])
     assert trainable and not any(n.endswith(".attn.W_key.bias") for n in trainable)
     for name, expected in single["state"].items():
