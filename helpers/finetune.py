@@ -9,8 +9,9 @@ it: it runs notebook 05's recipe (classification; ``helpers.train``), notebook 0
 instruction tuning (``helpers.instruct``) through the DDP engine of ``helpers.distributed`` (README
 "Beyond one machine"). ``--help`` lists every option.
 
-The output folder receives ``classifier.pt`` (or ``adapters.safetensors``: LoRA A/B + the head),
-``metrics.json``, and the plots ``finetune-loss.png`` / ``finetune-accuracy.png``. While the run is unfinished it
+The output folder receives ``classifier.pt`` (or ``adapters.safetensors``: LoRA A/B + the head; for
+``--task instruct`` ``trained.pt``: the trained tensors and the base model's name), ``metrics.json``, and the
+plots ``finetune-loss.png`` / ``finetune-accuracy.png`` (classification only). While the run is unfinished it
 also holds ``resume.pt`` (the trainable weights, the optimizer and where the run stood), written every
 ``--save-every`` steps and at each epoch's end; ``--resume`` continues from it exactly as if never stopped.
 """
@@ -30,14 +31,15 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from helpers import config, data, own_data
+from helpers import config, data, instruct, own_data
 from helpers.checkpoints import save_adapters, save_classifier
 from helpers.distributed import (
     DistContext, DistributedError, LossModule, classification_loss_sum, distributed, global_mean_loss, main_first,
     print_main, save_on_main, set_epoch, sharded_loader, unwrap, wrap_model,
 )
 from helpers.evaluate import plot_history
-from helpers.fastpath import Batches, make_batches
+from helpers.fastpath import make_batches
+from helpers.instruct_data import load_instruction_data, random_split_examples, split_like_book
 from helpers.lora import apply_lora, apply_qlora
 from helpers.models import load_model
 from helpers.models.base import (
@@ -53,8 +55,8 @@ TASKS = ("classify", "instruct")
 METHODS = ("last-block", "last-k", "all", "lora", "qlora")
 COURSE_DATA = "course"
 RESUME_FILE, METRICS_FILE, PLOT_PREFIX = "resume.pt", "metrics.json", "finetune"
-CLASSIFIER_FILE, ADAPTERS_FILE = "classifier.pt", "adapters.safetensors"
-RESUME_FORMAT = "course-finetune-resume-v1"
+CLASSIFIER_FILE, ADAPTERS_FILE, TRAINED_FILE = "classifier.pt", "adapters.safetensors", "trained.pt"
+RESUME_FORMAT, TRAINED_FORMAT = "course-finetune-resume-v1", "course-finetune-trained-v1"
 #: options that may differ between an interrupted run and its ``--resume`` (everything else must match)
 RESUMABLE_CHANGES = ("epochs", "output", "resume", "save_every", "progress", "device")
 
@@ -108,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--label-column", default="label", help="classify, your file: the column with the label (default: label)")
     add("--model", default=None,
         help="a preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl), smollm2-135m, or a GPT-2 checkpoint folder; "
-             "default: COURSE_MODEL, else gpt2")
+             "default: COURSE_MODEL, else gpt2 (classify); COURSE_INSTRUCT_MODEL, else smollm2-135m (instruct)")
     add("--method", choices=METHODS, default="last-block",
         help="what trains: the last block (+ final norm and head), the last --k blocks, all weights, or LoRA "
              "adapters on every block's linear layers (qlora: on NF4 weights) plus the head. "
@@ -138,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The options, checked: the data file exists and the output folder fits ``--resume``."""
     args = build_parser().parse_args(argv)
-    args.model = args.model or config.model_name()
+    args.model = args.model or (config.instruct_model_name() if args.task == "instruct" else config.model_name())
     if args.data != COURSE_DATA and not Path(args.data).is_file():
         raise UsageError(f"--data {args.data}: no such file. Give 'course' for the course's data, or the path of "
                          "a CSV / TSV / JSON / JSONL file.")
@@ -150,7 +152,7 @@ def check_output(out: Path, resume: bool) -> None:
     """A new run needs a folder without a run in it; ``--resume`` needs the interrupted run's ``resume.pt``."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {out} is a file; give a folder.")
-    finished = [name for name in (CLASSIFIER_FILE, ADAPTERS_FILE) if (out / name).exists()]
+    finished = [name for name in (CLASSIFIER_FILE, ADAPTERS_FILE, TRAINED_FILE) if (out / name).exists()]
     if resume and not (out / RESUME_FILE).exists():
         state = f"holds a finished run ({finished[0]})" if finished else f"has no {RESUME_FILE}"
         raise UsageError(f"--resume: {out} {state}; there is nothing to resume. Run without --resume "
@@ -190,16 +192,22 @@ def load_course_model(args: argparse.Namespace, context: DistContext) -> nn.Modu
         return load_model(args.model, device=context.device)
 
 
-def choose_trainable(model: nn.Module, args: argparse.Namespace, num_classes: int) -> nn.Module:
-    """The classification head, then what ``--method`` trains (set BEFORE DDP wraps the model)."""
+def blocks_to_train(model: nn.Module, args: argparse.Namespace) -> int:
+    """How many of the last blocks ``--method`` trains whole (LoRA: its adapters go in every block)."""
     n_layers = len(model.blocks)
     if args.method == "last-k" and args.k > n_layers:
         raise UsageError(f"--k {args.k}: this model has {n_layers} blocks; give --k 1..{n_layers}.")
-    blocks = {"last-block": 1, "last-k": args.k, "all": n_layers}.get(args.method, 0)
-    add_classifier_head(model, num_classes=num_classes, trainable_blocks=blocks, seed=args.seed)
+    return {"last-block": 1, "last-k": args.k}.get(args.method, n_layers)
+
+
+def choose_trainable(model: nn.Module, args: argparse.Namespace, num_classes: int) -> nn.Module:
+    """The classification head, then what ``--method`` trains (set BEFORE DDP wraps the model)."""
+    lora = args.method in ("lora", "qlora")
+    add_classifier_head(model, num_classes=num_classes, trainable_blocks=0 if lora else blocks_to_train(model, args),
+                        seed=args.seed)
     if args.method == "all":
         model.requires_grad_(True)
-    elif args.method in ("lora", "qlora"):
+    elif lora:
         apply = apply_lora if args.method == "lora" else apply_qlora
         apply(model, rank=args.lora_rank, alpha=args.lora_alpha, seed=args.seed)
     return model
@@ -243,13 +251,91 @@ def classify_job(args: argparse.Namespace, context: DistContext) -> Job:
                save=save, checkpoint=checkpoint)
 
 
+class TargetLossModule(LossModule):
+    """``LossModule`` for instruction tuning: its forward needs the targets too, because it runs the output head
+    only where there is one (``InstructBatches.forward`` -> ``(logits [N, vocab], targets [N])``); the loss is
+    then the summed cross-entropy of those N rows, and N the count that ``global_mean_loss`` sums over ranks."""
+
+    def forward(self, inputs: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor):
+        device = model_device(self.model)
+        logits, wanted = self.logits_of(self.model, inputs.to(device), lengths.to(device), targets.to(device))
+        return self.loss_of(logits, wanted)
+
+
+def instruct_splits(args: argparse.Namespace, fmt: instruct.PromptFormat, context_length: int
+                    ) -> dict[str, list[dict]]:
+    """The book's instruction data split like the book, or your file (checked to fit the model) split 70/10/20."""
+    if args.data == COURSE_DATA:
+        with main_first():
+            return split_like_book(load_instruction_data())
+    examples = own_data.load_instructions(args.data, count_tokens=lambda example: len(fmt.encode(example)[0]),
+                                          context_length=context_length)
+    return random_split_examples(examples, seed=args.seed)
+
+
+def choose_trainable_blocks(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """Instruction tuning keeps the language-model head: the last blocks, all weights, or LoRA in every block."""
+    if args.method == "qlora":
+        raise UsageError("--method qlora is not available for --task instruct (helpers.instruct adapts the "
+                         "blocks with LoRA only); use --method lora.")
+    if args.method == "lora":
+        return instruct.lora_top_blocks(model, len(model.blocks), rank=args.lora_rank, alpha=args.lora_alpha,
+                                        seed=args.seed)
+    if args.method == "all":
+        return model.requires_grad_(True)
+    return instruct.train_top_blocks(model, blocks_to_train(model, args))
+
+
+def save_trained_part(args: argparse.Namespace, model: nn.Module, path: Path) -> None:
+    """What instruction tuning changed: the trainable tensors, the base model and the method (to rebuild it:
+    ``load_model(base_model)``, the same method, then ``train.restore_trainable``)."""
+    torch.save({"format": TRAINED_FORMAT, "base_model": args.model, "method": args.method,
+                "lora": getattr(model, "lora_config", None), "trainable": trainable_state(model)}, path)
+
+
+def record_response_losses(history: History, model: nn.Module, train: instruct.InstructBatches,
+                           val: instruct.InstructBatches, eval_iter: int) -> None:
+    """Append the loss per response token on ``eval_iter`` training and validation batches."""
+    history.train_losses.append(instruct.response_loss(model, train, eval_iter))
+    history.val_losses.append(instruct.response_loss(model, val, eval_iter))
+    history.eval_examples_seen.append(history.examples_seen)
+
+
+def count_epoch(history: History) -> None:
+    history.epochs += 1
+
+
+def instruct_metrics(model: nn.Module, batches: dict[str, instruct.InstructBatches], prompt_format: str
+                     ) -> dict[str, Any]:
+    """Loss per response token and reference match (greedy decoding would write the reference) per split."""
+    return {"prompt_format": prompt_format, "fast_path": batches["train"].cached,
+            "response_loss": {name: instruct.response_loss(model, b) for name, b in batches.items()},
+            "reference_match": {name: instruct.reference_match(model, b) for name, b in batches.items()}}
+
+
+def instruct_job(args: argparse.Namespace, context: DistContext) -> Job:
+    """Notebook 10's set-up: the model's prompt format, -100 prompt targets, packed (cached) batches."""
+    model = load_course_model(args, context)
+    fmt = instruct.prompt_format(model)
+    splits = instruct_splits(args, fmt, model.cfg.context_length)
+    choose_trainable_blocks(model, args)
+    loss = TargetLossModule(model, instruct.forward_targets, classification_loss_sum)
+    step = wrap_model(loss, context)  # before caching: DDP starts by copying rank 0's weights in place
+    batches = {name: instruct.make_instruct_batches(model, fmt.encode_all(examples), batch_size=args.batch_size,
+                                                    seed=args.seed, progress=False)
+               for name, examples in splits.items()}  # in order, packed: evaluation, and the training examples
+    train, val = batches["train"], batches["validation"]
+    loss.logits_of = train.forward
+    return Job(step=step, train_set=list(range(len(train.targets))), collate=train.collate,
+               log_losses=lambda history: record_response_losses(history, model, train, val, args.eval_iter),
+               log_epoch=count_epoch,
+               final_metrics=lambda: instruct_metrics(model, batches, fmt.name),
+               save=lambda model, path: save_trained_part(args, model, path), checkpoint=TRAINED_FILE)
+
+
 def make_job(args: argparse.Namespace, context: DistContext) -> Job:
     """The job of ``--task``."""
-    if args.task == "instruct":
-        from helpers.instruct import instruct_job  # noqa: PLC0415 (listed in the pipeline before finetune)
-
-        return instruct_job(args, context)
-    return classify_job(args, context)
+    return instruct_job(args, context) if args.task == "instruct" else classify_job(args, context)
 
 
 # --- Resume -------------------------------------------------------------------------------------------------
@@ -341,7 +427,7 @@ def fit(job: Job, args: argparse.Namespace, context: DistContext) -> tuple[nn.Mo
         for batch in islice(loader, done, steps_per_epoch):  # a resumed epoch skips the batches already done
             mean = train_step(step, batch, optimizer, scaler, precision)
             history.steps += 1
-            history.examples_seen += len(batch[-1]) * context.world_size
+            history.examples_seen += len(batch[1]) * context.world_size  # lengths: one per example
             history.seconds = clock(context.device) - start
             bar.update(1)
             bar.set_postfix(loss=f"{mean:.3f}", examples_per_s=f"{history.examples_seen / history.seconds:.1f}")
@@ -383,7 +469,8 @@ def finish(job: Job, step: nn.Module, history: History, args: argparse.Namespace
     metrics = run_metrics(job, unwrap(step), history, args, context)
     config.atomic_write_text(args.output / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     for figure in plot_history(history, PLOT_PREFIX, args.output):
-        plt.close(figure)
+        if figure is not None:
+            plt.close(figure)
     (args.output / RESUME_FILE).unlink(missing_ok=True)  # finished: the checkpoint is the result
     print(f"wrote {args.output / job.checkpoint}, {METRICS_FILE} and the plots in {args.output}")
     return metrics

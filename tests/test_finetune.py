@@ -4,13 +4,18 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import checkpoints, data, fastpath, finetune, own_data, train
+from torch.utils.data import DistributedSampler
+
+from helpers import checkpoints, data, fastpath, finetune, instruct, own_data, train
+from helpers.instruct_data import random_split_examples
 from helpers.distributed import sharded_loader
 from helpers.models import load_model
 from helpers.models.base import add_classifier_head
@@ -243,3 +248,61 @@ def test_two_processes_write_one_checkpoint_without_module_prefix(ddp_runs):
         assert torch.equal(saved[name], tensor)
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["world_size"], metrics["backend"], metrics["history"]["examples_seen"]) == (2, "gloo", 32)
+
+
+# --- Instruction tuning (--task instruct) -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def instructions(tmp_path_factory) -> Path:
+    """A small instruction file (JSONL) with answers of different lengths: the ranks score different counts."""
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    rows = [{"instruction": f"Repeat the word {w} {i % 4 + 1} times.", "input": "" if i % 3 else f"case {i}",
+             "output": " ".join([w] * (i % 4 + 1))} for i, w in enumerate(words * 6)]
+    path = tmp_path_factory.mktemp("own") / "instructions.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def instruct_settings(path: Path) -> list[str]:
+    return ["--task", "instruct", "--data", str(path), "--model", os.environ["COURSE_MODEL"], "--device", "cpu"]
+
+
+class CommandOrder(instruct.InstructBatches):
+    """The notebook's batches in the command's order (a ``DistributedSampler``'s, seed 123, epoch 0)."""
+
+    def index_batches(self) -> list[list[int]]:
+        order = list(DistributedSampler(range(len(self.targets)), num_replicas=1, rank=0, seed=123, drop_last=True))
+        return [order[i:i + self.batch_size] for i in range(0, len(order) - self.batch_size + 1, self.batch_size)]
+
+
+def test_instruct_equals_the_notebook_helpers(tmp_path, instructions):
+    out = tmp_path / "run"
+    metrics = finetune_ok(*instruct_settings(instructions), "--method", "last-block", "--batch-size", "4",
+                          "--lr", "1e-3", "--output", str(out), *FEW_STEPS)
+    assert {p.name for p in out.iterdir()} == {"trained.pt", "metrics.json", "finetune-loss.png"}
+    model = load_model(os.environ["COURSE_MODEL"], device="cpu")
+    fmt = instruct.prompt_format(model)
+    splits = random_split_examples(own_data.load_instructions(instructions), seed=123)
+    instruct.train_top_blocks(model, 1)
+    initial = train.trainable_state(model)
+    batches = {name: instruct.make_instruct_batches(model, fmt.encode_all(examples), batch_size=4, progress=False)
+               for name, examples in splits.items()}
+    ordered = CommandOrder(**{f.name: getattr(batches["train"], f.name) for f in fields(batches["train"]) if f.init})
+    cfg = train.TrainConfig(epochs=1, lr=1e-3, max_steps_per_epoch=4, eval_freq=2, eval_iter=2)
+    instruct.train_instruct(model, ordered, batches["validation"], cfg, keep_best=False, progress=False)
+    saved = torch.load(out / "trained.pt", weights_only=True)
+    assert (saved["base_model"], saved["method"]) == (os.environ["COURSE_MODEL"], "last-block")
+    expected = train.trainable_state(model)
+    assert set(saved["trainable"]) == set(expected) and len(expected) >= 10
+    for name, value in expected.items():
+        assert not torch.equal(value, initial[name]), f"{name} did not train"
+        assert_relative_close(saved["trainable"][name], value, name)
+    assert len(metrics["history"]["val_losses"]) == 2  # after steps 2 and 4; the last with the final weights:
+    assert metrics["history"]["val_losses"][-1] == pytest.approx(instruct.response_loss(model, batches["validation"], 2),
+                                                                 rel=1e-5)
+    assert metrics["prompt_format"] == "alpaca" and metrics["response_loss"]["test"] > 0
+
+
+def test_instruct_qlora_is_refused_with_a_message(tmp_path, instructions, capsys):
+    assert finetune.main([*instruct_settings(instructions), "--method", "qlora", "--output", str(tmp_path)]) == 2
+    assert "use --method lora" in capsys.readouterr().err
