@@ -23,9 +23,9 @@ KEY_BIAS = ".attn.W_key.bias"
 
 
 def freeze_key_bias(choose):
-    """``choose_trainable``, then the key biases frozen (before DDP wraps the model)."""
-    def choose_without_key_bias(model, args, num_classes):
-        choose(model, args, num_classes)
+    """``choose`` (what the method trains), then the key biases frozen (before DDP wraps the model)."""
+    def choose_without_key_bias(model, *args, **kwargs):
+        choose(model, *args, **kwargs)
         for name, p in model.named_parameters():
             if name.endswith(KEY_BIAS):
                 p.requires_grad_(False)
@@ -34,7 +34,8 @@ def freeze_key_bias(choose):
 
 
 def main(states: Path, argv: list[str]) -> None:
-    finetune.choose_trainable = freeze_key_bias(finetune.choose_trainable)
+    finetune.choose_trainable = freeze_key_bias(finetune.choose_trainable)  # classify
+    finetune.choose_trainable_blocks = freeze_key_bias(finetune.choose_trainable_blocks)  # instruct
     args = finetune.parse_args(argv)
     with distributed(args.device) as context:
         step, history, _ = finetune.run(args, context)

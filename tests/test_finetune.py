@@ -200,12 +200,12 @@ DDP_STEPS = ["--epochs", "2", "--max-steps-per-epoch", "2", "--eval-freq", "2", 
              "--method", "last-block", "--device", "cpu", "--no-progress"]
 
 
-def launch(tmp: Path, reviews: Path, name: str, processes: int, batch_size: int) -> tuple[Path, list[dict], str]:
+def launch(tmp: Path, task: list[str], name: str, processes: int, batch_size: int) -> tuple[Path, list[dict], str]:
     """``finetune_worker.py`` on ``processes`` gloo processes (torchrun) or as one plain process."""
     out, states = tmp / name, tmp / f"{name}-states"
     states.mkdir()
     worker = [str(TESTS / "finetune_worker.py"), str(states), "--output", str(out), "--batch-size", str(batch_size),
-              *own_file(reviews), *DDP_STEPS]
+              *task, *DDP_STEPS]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={processes}",
                 "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--max_restarts=0"]
     cmd = [*torchrun, *worker] if processes > 1 else [sys.executable, *worker]
@@ -217,7 +217,7 @@ def launch(tmp: Path, reviews: Path, name: str, processes: int, batch_size: int)
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory, reviews):
     tmp = tmp_path_factory.mktemp("finetune-ddp")
-    return launch(tmp, reviews, "two", 2, 4), launch(tmp, reviews, "one", 1, 8)
+    return launch(tmp, own_file(reviews), "two", 2, 4), launch(tmp, own_file(reviews), "one", 1, 8)
 
 
 def test_two_processes_equal_one_process_with_the_global_batch(ddp_runs):
@@ -298,11 +298,33 @@ def test_instruct_equals_the_notebook_helpers(tmp_path, instructions):
         assert not torch.equal(value, initial[name]), f"{name} did not train"
         assert_relative_close(saved["trainable"][name], value, name)
     assert len(metrics["history"]["val_losses"]) == 2  # after steps 2 and 4; the last with the final weights:
-    assert metrics["history"]["val_losses"][-1] == pytest.approx(instruct.response_loss(model, batches["validation"], 2),
-                                                                 rel=1e-5)
+    final_val_loss = instruct.response_loss(model, batches["validation"], 2)
+    assert metrics["history"]["val_losses"][-1] == pytest.approx(final_val_loss, rel=1e-5)
     assert metrics["prompt_format"] == "alpaca" and metrics["response_loss"]["test"] > 0
 
 
 def test_instruct_qlora_is_refused_with_a_message(tmp_path, instructions, capsys):
     assert finetune.main([*instruct_settings(instructions), "--method", "qlora", "--output", str(tmp_path)]) == 2
     assert "use --method lora" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def ddp_instruct_runs(tmp_path_factory, instructions):
+    tmp = tmp_path_factory.mktemp("finetune-ddp-instruct")
+    task = [*instruct_settings(instructions), "--lr", "1e-3"]
+    return launch(tmp, task, "two", 2, 2), launch(tmp, task, "one", 1, 4)
+
+
+def test_two_processes_instruct_equal_one_process(ddp_instruct_runs):
+    """The masked loss is divided by the response tokens of the GLOBAL batch (the ranks hold different counts)."""
+    (out, ranks, _), (_, (single,), _) = ddp_instruct_runs
+    assert [(r["world_size"], r["steps"]) for r in ranks] == [(2, 4), (2, 4)] and single["steps"] == 4
+    trainable = set(ranks[0]["trainable"])
+    assert len(trainable) >= 10
+    for name, expected in single["state"].items():
+        assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), f"{name} differs between ranks"
+        if name in trainable:
+            assert_relative_close(ranks[0]["state"][name], expected, name)
+    assert {p.name for p in out.iterdir()} == {"trained.pt", "metrics.json", "finetune-loss.png"}
+    saved = torch.load(out / "trained.pt", weights_only=True)["trainable"]
+    assert set(saved) == trainable and all(torch.equal(saved[n], ranks[0]["state"][n]) for n in saved)
