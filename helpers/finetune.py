@@ -84,8 +84,9 @@ positive_int, positive_float = _number(int, 0, True), _number(float, 0, True)
 non_negative_float = _number(float, 0, False)
 
 EPILOG = """\
-outputs (in --output): classifier.pt (or adapters.safetensors for lora/qlora), metrics.json,
-finetune-loss.png, finetune-accuracy.png; resume.pt while the run is unfinished (--resume continues it).
+outputs (in --output): classifier.pt (or adapters.safetensors for lora/qlora; trained.pt for --task
+instruct), metrics.json, finetune-loss.png, finetune-accuracy.png (classify); resume.pt while the run is
+unfinished (--resume continues it).
 
 several processes: torchrun --standalone --nproc_per_node=N -m helpers.finetune ... (gloo on CPU, nccl on
 CUDA GPUs, one process per GPU); several machines: torchrun --nnodes=M --nproc_per_node=N --rdzv_id=ID
