@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -68,6 +71,7 @@ def reference_classifier(batch_size: int = 8, steps: int = 4, eval_freq: int = 2
     return model, batches, history
 
 
+@pytest.mark.slow
 def test_classify_equals_the_notebook_helpers(tmp_path):
     out = tmp_path / "run"
     metrics = finetune_ok("--task", "classify", "--method", "last-block", "--output", str(out), "--device", "cpu",
@@ -86,7 +90,8 @@ def test_classify_equals_the_notebook_helpers(tmp_path):
     # in order, so that a resumed run evaluates on the same batches as an uninterrupted one)
     assert metrics["history"]["val_losses"] == pytest.approx(history.val_losses, rel=1e-5)
     assert metrics["history"]["val_accs"] == pytest.approx(history.val_accs, abs=1e-9)
-    assert metrics["accuracy"] == pytest.approx(train.accuracies(model, batches), abs=1e-9)
+    assert metrics["accuracy"]["validation"] == pytest.approx(train.calc_accuracy(model, batches["validation"]),
+                                                              abs=1e-9)
     assert metrics["fast_path"] and metrics["labels"] == {"ham": 0, "spam": 1}
 
 
@@ -124,6 +129,27 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, monk
     for key in ("steps", "examples_seen", "epochs", "train_losses", "val_losses", "train_accs", "val_accs"):
         assert resumed["history"][key] == whole["history"][key], key
     assert resumed["accuracy"] == whole["accuracy"]
+
+
+@pytest.mark.slow
+def test_resume_after_a_real_kill(tmp_path, reviews):
+    """SIGKILL the command once its first resume.pt exists; resuming gives the uninterrupted run's weights."""
+    settings = [*own_file(reviews), "--batch-size", "4", "--epochs", "3", "--max-steps-per-epoch", "14",
+                "--save-every", "3", "--method", "all", "--device", "cpu", "--no-progress"]
+    command = [sys.executable, "-m", "helpers.finetune", *settings, "--output"]
+    assert run_bounded([*command, str(tmp_path / "whole")], process_env(), "a whole run").returncode == 0
+    proc = subprocess.Popen([*command, str(tmp_path / "cut")], env=process_env(), cwd=TESTS.parent,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "cut" / "resume.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    assert proc.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert {p.name for p in (tmp_path / "cut").iterdir()} == {"resume.pt"}
+    resumed = run_bounded([*command, str(tmp_path / "cut"), "--resume"], process_env(), "the resumed run")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout[-2000:]
+    a, b = (torch.load(tmp_path / run / "classifier.pt", weights_only=True)["state_dict"] for run in ("whole", "cut"))
+    assert all(torch.equal(a[name], b[name]) for name in a)
 
 
 def test_lora_writes_adapters_and_the_head(tmp_path, reviews):
