@@ -178,6 +178,13 @@ def test_help_documents_every_option(capsys):
         assert word in text
 
 
+def test_readme_documents_every_option():
+    readme = (TESTS.parent / "README.md").read_text()
+    section = readme[readme.index("## Take it home"):readme.index("## Beyond one machine")]
+    options = [o for action in finetune.build_parser()._actions for o in action.option_strings if o != "-h"]
+    assert [o for o in options if f"`{o}`" not in section and o != "--help"] == []
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--data", "no_such_file.csv"], "no such file"),
     (["--resume"], "nothing to resume"),
