@@ -189,11 +189,17 @@ def test_readme_documents_every_option():
     (["--data", "no_such_file.csv"], "no such file"),
     (["--resume"], "nothing to resume"),
     (["--method", "last-k", "--k", "99"], "--k 99: this model has 2 blocks"),
-    (["--batch-size", "5000"], "do not fill one global batch"),
 ])
 def test_bad_options_stop_with_a_message(tmp_path, capsys, argv, message):
     assert finetune.main([*argv, "--output", str(tmp_path / "out"), "--device", "cpu", "--no-progress"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_batch_larger_than_the_data_stops_with_a_message(tmp_path, capsys, reviews):
+    argv = [*own_file(reviews), "--batch-size", "500", "--output", str(tmp_path / "out"), "--device", "cpu"]
+    assert finetune.main(argv) == 2
+    assert "do not fill one global batch of 500" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing written
 
 
 @pytest.mark.parametrize("argv", [["--lr", "0"], ["--epochs", "-1"], ["--method", "everything"],
