@@ -154,7 +154,7 @@ def forward_targets(model: CausalLM, x: torch.Tensor, targets: torch.Tensor, fir
     if lengths is not None:
         packing = Packing.of(lengths, x.device)
         packing.check(x)
-        positions, mask = packing.positions, packing.mask
+        positions, mask = packing.positions, packing  # attention reads the Packing: no N x N mask
     h = model.embed(x, positions) if first_block == 0 else x  # [B, T, D]
     for block in model.blocks[first_block:]:
         h = block(h, positions, mask)
@@ -288,7 +288,7 @@ def cache_inputs(model: CausalLM, inputs: Sequence[Sequence[int]], n_blocks: int
             x = model.embed(torch.tensor([t for i in chunk for t in inputs[i]], device=device)[None],
                             packing.positions)  # [1, N, D]
             for block in model.blocks[:n_blocks]:
-                x = block(x, packing.positions, packing.mask)
+                x = block(x, packing.positions, packing)
             for i, h in zip(chunk, x[0].split(lengths)):
                 hidden[i] = h.cpu().clone()  # [length, D], a copy: not a view of the packed row
     finally:
