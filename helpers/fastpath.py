@@ -81,10 +81,11 @@ class CacheRecord:
         params = prefix_parameters(model, first_block)
         return cls(first_block, tuple((name, p, p._version) for name, p in params.items()))
 
-    def check(self, model: nn.Module) -> None:
-        """Raise ``StaleCacheError`` unless every cached parameter is still the same, frozen and unchanged."""
+    def check(self, model: nn.Module, rebuild: str = "Call make_batches (or split_batches) again after changing "
+                                                     "the model.") -> None:
+        """Raise ``StaleCacheError`` unless every cached parameter is still the same, frozen and unchanged;
+        ``rebuild`` says how to make the cache again."""
         current = prefix_parameters(model, self.first_block)
-        rebuild = "Call make_batches (or split_batches) again after changing the model."
         for name, p, version in self.frozen:
             if current.get(name) is not p:
                 raise StaleCacheError(f"{name} is not the parameter the cached batches were computed with "
