@@ -362,8 +362,10 @@ def test_two_processes_instruct_equal_one_process(ddp_instruct_runs):
     assert len(trainable) >= 10
     for name, expected in single["state"].items():
         assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), f"{name} differs between ranks"
-        if name in trainable:
-            assert_relative_close(ranks[0]["state"][name], expected, name)
+        if name in trainable:  # packed rows of 2 processes vs 1 differ in length, so the matmuls sum in another
+            # order (~1e-7 absolute): the packing tests' bound, 1e-5 x max(1, largest reference value)
+            error = float((ranks[0]["state"][name] - expected).abs().max())
+            assert error <= 1e-5 * max(1.0, float(expected.abs().max())), f"{name}: max difference {error:.3g}"
     assert {p.name for p in out.iterdir()} == {"trained.pt", "metrics.json", "finetune-loss.png"}
     saved = torch.load(out / "trained.pt", weights_only=True)["trainable"]
     assert set(saved) == trainable and all(torch.equal(saved[n], ranks[0]["state"][n]) for n in saved)
