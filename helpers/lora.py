@@ -113,10 +113,11 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _wrap(model: nn.Module, rank: int, alpha: float, seed: int, targets: Sequence[str] | None,
-          quantize: bool) -> nn.Module:
+          quantize: bool, train_head: bool = True) -> nn.Module:
     if lora_layers(model):
         raise ValueError("model already has LoRA layers; load a fresh model before applying LoRA again")
-    if getattr(model, "tok_emb", None) is not None and model.out_head.weight is model.tok_emb.weight:
+    tied = getattr(model, "tok_emb", None) is not None and model.out_head.weight is model.tok_emb.weight
+    if train_head and tied:
         raise ValueError("model.out_head is still the LM head tied to the token embedding; replace it with "
                          "the classification head (add_classifier_head) before applying LoRA")
     model.requires_grad_(False)
@@ -124,17 +125,20 @@ def _wrap(model: nn.Module, rank: int, alpha: float, seed: int, targets: Sequenc
     for name, linear in target_linears(model, targets).items():
         base = NF4Linear(linear) if quantize else linear
         _set_module(model, name, LoRALinear(base, rank, alpha, generator))
-    model.out_head.requires_grad_(True)
+    model.out_head.requires_grad_(train_head)
     model.lora_config = {"rank": rank, "alpha": alpha, "targets": None if targets is None else list(targets),
                          "quantization": "nf4" if quantize else "none"}
     return model
 
 
 def apply_lora(model: nn.Module, rank: int = 16, alpha: float = 16, seed: int = 123,
-               targets: Sequence[str] | None = None) -> nn.Module:
+               targets: Sequence[str] | None = None, train_head: bool = True) -> nn.Module:
     """Freeze ``model``, wrap the ``nn.Linear`` layers of ``model.blocks`` (all, or those whose name ends with
-    one of ``targets``) with LoRA, keep ``model.out_head`` trainable. In place; returns ``model``."""
-    return _wrap(model, rank, alpha, seed, targets, quantize=False)
+    one of ``targets``) with LoRA, keep ``model.out_head`` trainable. In place; returns ``model``.
+
+    ``train_head=False`` keeps the output head frozen too, e.g. the language-model head tied to the token
+    embedding in instruction fine-tuning (notebook 10), where only the adapters learn."""
+    return _wrap(model, rank, alpha, seed, targets, quantize=False, train_head=train_head)
 
 
 def apply_qlora(model: nn.Module, rank: int = 16, alpha: float = 16, seed: int = 123,

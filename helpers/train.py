@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from helpers.fastpath import Batches, Forward
-from helpers.models.base import Precision, clock, model_device, precision_for
+from helpers.models.base import Precision, clock, model_device, packed_hidden, precision_for
 
 
 @dataclass
@@ -59,6 +59,20 @@ def batch_loss(model: nn.Module, forward: Forward, batch: tuple[torch.Tensor, ..
     """Cross-entropy of one batch at the classification position (the batch is moved to the model's device)."""
     inputs, lengths, labels = (t.to(model_device(model)) for t in batch)
     return F.cross_entropy(forward(model, inputs, lengths), labels)
+
+
+def packed_next_token_loss(model: nn.Module, batch: tuple[torch.Tensor, ...], ignore_index: int = -100
+                           ) -> torch.Tensor:
+    """Mean next-token cross-entropy of a packed batch ``(ids [1, N], lengths [B], targets [N])`` over the
+    targets that are not ``ignore_index`` (instruction tuning: the response tokens; notebook 10).
+
+    The blocks run on the packed row (``packed_hidden``: no padding computed); the output head, as wide as the
+    vocabulary, runs only at the positions that have a target.
+    """
+    ids, lengths, targets = (t.to(model_device(model)) for t in batch)
+    hidden = packed_hidden(model, ids, lengths)[0]  # [N, D]
+    scored = targets != ignore_index  # [N]
+    return F.cross_entropy(model.out_head(hidden[scored]), targets[scored])
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
@@ -114,6 +128,25 @@ def estimate_losses(model: nn.Module, train: Batches, val: Batches, num_batches:
     return losses
 
 
+def record_losses(history: History, model: nn.Module, train: Batches, val: Batches, cfg: TrainConfig,
+                  precision: Precision | None = None) -> None:
+    """Append the train / validation loss on ``cfg.eval_iter`` batches, at ``history.examples_seen``."""
+    train_loss, val_loss = estimate_losses(model, train, val, cfg.eval_iter, precision)
+    history.train_losses.append(train_loss)
+    history.val_losses.append(val_loss)
+    history.eval_examples_seen.append(history.examples_seen)
+
+
+def record_epoch(history: History, model: nn.Module, train: Batches, val: Batches, cfg: TrainConfig,
+                 precision: Precision | None = None) -> None:
+    """At the end of an epoch: append the train / validation accuracy on ``cfg.eval_iter`` batches, count it."""
+    model.eval()
+    history.train_accs.append(calc_accuracy(model, train, cfg.eval_iter, precision))
+    history.val_accs.append(calc_accuracy(model, val, cfg.eval_iter, precision))
+    model.train()
+    history.epochs += 1
+
+
 def train_classifier(model: nn.Module, train: Batches, val: Batches, cfg: TrainConfig | None = None,
                      progress: bool = True, precision: Precision | None = None) -> History:
     """Fine-tune the trainable parameters with AdamW; evaluate every ``cfg.eval_freq`` steps.
@@ -147,15 +180,8 @@ def train_classifier(model: nn.Module, train: Batches, val: Batches, cfg: TrainC
                 if progress and history.steps % 10 == 1:  # .item() waits for the GPU: not at every step
                     bar.set_postfix(loss=f"{loss.item():.3f}")
                 if history.steps % cfg.eval_freq == 0:
-                    train_loss, val_loss = estimate_losses(model, train, val, cfg.eval_iter, precision)
-                    history.train_losses.append(train_loss)
-                    history.val_losses.append(val_loss)
-                    history.eval_examples_seen.append(history.examples_seen)
-            model.eval()
-            history.train_accs.append(calc_accuracy(model, train, cfg.eval_iter, precision))
-            history.val_accs.append(calc_accuracy(model, val, cfg.eval_iter, precision))
-            model.train()
-            history.epochs += 1
+                    record_losses(history, model, train, val, cfg, precision)
+            record_epoch(history, model, train, val, cfg, precision)
     model.eval()
     history.seconds = clock(device) - start
     return history

@@ -2,6 +2,7 @@
 
     make run                          every notebook, 01 to the last
     make run NOTEBOOKS="05 06"        only those, reusing what earlier notebooks prepared (also "05-07", "05-")
+    make solutions                    the exercises' worked solutions (solutions/) into outputs/solutions/
     COURSE_VERBOSE=1 make run         every message of the kernels and cells (or: -v)
     python scripts/run_notebooks.py --help
 
@@ -47,7 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: print the summary and rewrite outputs/index.html from what exists")
     parser.add_argument("--no-report", action="store_true", help="skip writing outputs/index.html")
-    parser.add_argument("--source", type=Path, default=ROOT / "notebooks", help=argparse.SUPPRESS)  # tests
+    parser.add_argument("--solutions", action="store_true",
+                        help="run the exercises' worked solutions (solutions/) instead, into outputs/solutions/ "
+                             "(NOTEBOOK then picks solutions by number; no course report)")
+    parser.add_argument("--source", type=Path, default=None, help=argparse.SUPPRESS)  # tests
     return parser.parse_args(argv)
 
 
@@ -132,8 +136,9 @@ def prerequisite_note(selected: list[Path], notebooks: list[Path], records: dict
 
 
 def run_all(selected: list[Path], notebooks: list[Path], executed_dir: Path, out: progress.Progress,
-            verbose: bool) -> tuple[int, str]:
-    """Run the notebooks in order; stop at the first failure. Returns (exit status, text for the end)."""
+            verbose: bool, in_sequence: bool = True) -> tuple[int, str]:
+    """Run the notebooks in order; stop at the first failure. Returns (exit status, text for the end).
+    ``in_sequence``: later notebooks may need what earlier ones prepared (the course; not the solutions)."""
     profile, model = config.profile(), config.model_name()
     records = summary.run_records(executed_dir)
     expected = progress.expected_times([path.stem for path in selected], progress.readme_times(ROOT / "README.md"),
@@ -143,7 +148,7 @@ def run_all(selected: list[Path], notebooks: list[Path], executed_dir: Path, out
     about = f", about {progress.duration(total)} in all" if total else ""
     out.say(f"make run: {len(selected)} notebook{'s' * (len(selected) != 1)} into {shown(executed_dir)} "
             f"(profile {profile}, model {model}{about})")
-    if selected[0] != notebooks[0] and (note := prerequisite_note(selected, notebooks, records)):
+    if in_sequence and selected[0] != notebooks[0] and (note := prerequisite_note(selected, notebooks, records)):
         out.say(note)
     for position, path in enumerate(selected):
         notebook = nbformat.read(path, as_version=4)
@@ -196,22 +201,26 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C works even when started with it ignored
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")  # a console without Unicode still gets the text
-    notebooks = sorted(args.source.glob(NOTEBOOK_FILES))
+    source = args.source or ROOT / ("solutions" if args.solutions else "notebooks")
+    notebooks = sorted(source.glob(NOTEBOOK_FILES))
     if args.list:
         print("\n".join(path.stem for path in notebooks))
         return 0
     if not notebooks:
-        raise SystemExit(f"No notebooks ({NOTEBOOK_FILES}) in {args.source}")
+        raise SystemExit(f"No notebooks ({NOTEBOOK_FILES}) in {source}")
     selected = select(notebooks, args.notebooks)
     output_dir = config.output_dir()
     verbose = args.verbose or config.verbose()
     status, closing = 0, ""
+    executed_dir = output_dir / ("solutions" if args.solutions else "notebooks")
     try:
         if not args.report_only:
             out = progress.Progress(verbose=verbose)
-            status, closing = run_all(selected, notebooks, output_dir / "notebooks", out, verbose)
-        if status != EXIT_INTERRUPTED:
-            print_summary(output_dir, not args.no_report, args.source)
+            status, closing = run_all(selected, notebooks, executed_dir, out, verbose, in_sequence=not args.solutions)
+        if args.solutions:
+            print(f"\nExecuted solutions: {shown(executed_dir)}")
+        elif status != EXIT_INTERRUPTED:
+            print_summary(output_dir, not args.no_report, source)
     except KeyboardInterrupt:
         status, closing = EXIT_INTERRUPTED, "Interrupted between notebooks: every executed copy is complete."
     if closing:

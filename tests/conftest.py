@@ -1,4 +1,7 @@
-"""Test setup: everything offline, notebooks run unchanged in the fast ``smoke`` profile.
+"""Test setup: everything offline, notebooks and exercise solutions run unchanged in the fast ``smoke`` profile.
+
+It applies when pytest is given ``tests`` (or ``tests/conftest.py``) too, as ``make test`` does:
+``pytest --nbval-lax --nbval-current-env tests/conftest.py solutions/`` runs the solutions alone in this profile.
 
 At start-up (before any notebook kernel starts, so kernels inherit it) this sets:
 * ``COURSE_PROFILE=smoke``, ``COURSE_DATA_DIR`` / ``COURSE_OUTPUT_DIR`` in a temporary folder;

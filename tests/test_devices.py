@@ -210,11 +210,12 @@ def test_training_under_autocast_stays_close_to_float32(datasets, dtype, monkeyp
                         or real_step(loss, opt, scaler))
     mixed = Precision("cpu", dtype)
     model = add_classifier_head(tiny_model())
-    ids, lengths, _ = next(iter(make_batches(model, datasets["test"], cache=False, progress=False)))
+    batches = make_batches(model, datasets["test"], cache=False, progress=False)  # packed token batches
+    ids, lengths, _ = next(iter(batches))
     with torch.no_grad():
-        fp32_logits = last_token_logits(model, ids, lengths)
+        fp32_logits = batches.forward(model, ids, lengths)
         with mixed.autocast():
-            mixed_logits = last_token_logits(model, ids, lengths)
+            mixed_logits = batches.forward(model, ids, lengths)
     assert mixed_logits.dtype == dtype  # autocast did act
     relative = float((mixed_logits.float() - fp32_logits).abs().max() / fp32_logits.abs().max())
     assert 0 < relative <= AUTOCAST_RTOL[mixed.name]

@@ -59,7 +59,7 @@ def test_every_imported_package_is_pinned():
 
 
 def test_notebooks_are_committed_without_outputs():
-    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb")) + sorted((ROOT / "solutions").glob("*.ipynb"))
     assert notebooks, "no notebooks found"
     for path in notebooks:
         cells = json.loads(path.read_text())["cells"]

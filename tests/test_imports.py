@@ -1,7 +1,7 @@
 """The helpers package is one pipeline: every import points to a module on its left, so there is no cycle.
 
     config -> download -> data -> models (base -> gpt2 -> smollm2 -> the registry) -> fastpath -> train
-    -> evaluate -> nf4 -> lora -> checkpoints -> memory -> plumbing
+    -> evaluate -> nf4 -> lora -> checkpoints -> instruct -> memory -> plumbing -> finetune
 
 Imports inside functions count too: a lazy import is still a dependency.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 HELPERS = Path(__file__).resolve().parents[1] / "helpers"
 ORDER = ["colab", "config", "download", "data", "own_data", "instruct_data", "models", "fastpath", "train",
-         "distributed", "evaluate", "nf4", "lora", "checkpoints", "memory", "plumbing"]
+         "distributed", "evaluate", "nf4", "lora", "checkpoints", "instruct", "memory", "plumbing", "finetune"]
 MODELS_ORDER = ["base", "gpt2", "smollm2", "__init__"]
 
 

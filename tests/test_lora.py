@@ -17,7 +17,9 @@ from helpers.lora import (
     unmerge_lora, weight_memory,
 )
 from helpers.models.base import CheckpointError
-from helpers.nf4 import NF4_CODE, NF4_MAX_HALF_GAP, NF4Linear, dequantize_nf4, quantize_nf4
+from helpers.nf4 import (
+    NF4_CODE, NF4_MAX_HALF_GAP, NF4_PAIRS, NF4Linear, dequantize_nf4, dequantize_nf4_plain, quantize_nf4,
+)
 
 D, CLASSES = 20, 2  # 20 * 20 = 400 weights: not a multiple of the NF4 block size 64
 
@@ -161,6 +163,17 @@ def test_nf4_error_bound_shapes_and_size(shape):
     if n:
         absmax = q.absmax.repeat_interleave(64)[:n].reshape(shape)
         assert torch.all((back - w).abs() <= absmax * NF4_MAX_HALF_GAP + 1e-7)
+
+
+@pytest.mark.parametrize("shape, block_size", [((768, 768), 64), ((3, 7), 64), ((1,), 64), ((5, 13, 3), 16),
+                                               ((130,), 64), ((0, 4), 64), ((1000,), 128)])
+def test_fast_dequantization_equals_the_plain_one_bit_for_bit(shape, block_size):
+    """One lookup per byte in NF4_PAIRS (both of its values) instead of one per 4-bit code: the same floats."""
+    assert [tuple(NF4_PAIRS[byte].tolist()) for byte in range(256)] == \
+        [(NF4_CODE[byte >> 4].item(), NF4_CODE[byte & 15].item()) for byte in range(256)]
+    q = quantize_nf4(torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02, block_size)
+    fast, plain = dequantize_nf4(q), dequantize_nf4_plain(q)
+    assert fast.shape == plain.shape == shape and torch.equal(fast, plain)
 
 
 def test_nf4_zero_block_and_packing_order():

@@ -456,8 +456,10 @@ def test_ctrl_c_stops_cleanly_and_saves_the_copy_up_to_that_cell(course: tuple[P
 @pytest.mark.slow
 @pytest.mark.needs_tokenizer
 def test_real_notebooks_01_to_03_give_a_complete_offline_report(course: tuple[Path, Path],
-                                                                capsys: pytest.CaptureFixture):
+                                                                capsys: pytest.CaptureFixture,
+                                                                monkeypatch: pytest.MonkeyPatch):
     _, output_dir = course
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernels draw inline, as in a learner's `make run`
     assert run_notebooks.main(["01-03"]) == 0
     out = capsys.readouterr().out
     assert "5,574 messages (747 spam)" in out and "1,045 / 149 / 300" in out
@@ -466,7 +468,9 @@ def test_real_notebooks_01_to_03_give_a_complete_offline_report(course: tuple[Pa
     pages = sorted(path.name for path in (output_dir / "notebooks").glob("*.html"))
     assert pages == [path.stem + ".html" for path in sorted((ROOT / "notebooks").glob("0[1-3]_*.ipynb"))]
     index = Page(output_dir / "index.html")
-    assert any(src.startswith("notebooks/figures/01_") for src in index.images)  # figures inside a notebook
+    page_02 = Page(output_dir / "notebooks" / "02_download_and_balance.html")
+    assert any(src.startswith("figures/02_") or src.startswith("data:image") for src in page_02.images), (
+        f"notebook 02's plot is not in its page: {page_02.images[:5]}")  # a figure inside a notebook's page
     saved = sorted(path.name for path in output_dir.glob("0[23]_*.png"))
     assert saved and all(name in index.images + index.links for name in saved)  # figures saved in outputs/
 
@@ -476,3 +480,22 @@ def test_verbose_setting_is_read_in_config_and_documented(monkeypatch: pytest.Mo
         monkeypatch.setenv("COURSE_VERBOSE", value)
         assert config.verbose() is expected
     assert "COURSE_VERBOSE" in (config.__doc__ or "") and "`COURSE_VERBOSE`" in (ROOT / "README.md").read_text()
+
+
+def test_solutions_run_into_their_own_folder_without_the_course_report(course: tuple[Path, Path],
+                                                                        capsys: pytest.CaptureFixture):
+    source, output_dir = course
+    write_notebook(source, "05_answers", "# Solutions · 05", "print(6 * 7)")
+    write_notebook(source, "06_answers", "# Solutions · 06", "1 + 1")
+    assert run_main(source, "--solutions", "05") == 0
+    executed = output_dir / "solutions"
+    assert sorted(path.name for path in executed.glob("*.ipynb")) == ["05_answers.ipynb"]
+    assert nbformat.read(executed / "05_answers.ipynb", as_version=4).cells[1].outputs[0]["text"] == "42\n"
+    assert not (output_dir / "notebooks").exists() and not (output_dir / "index.html").exists()
+    assert "outputs/solutions" in capsys.readouterr().out.replace("\\", "/")
+
+
+def test_solutions_option_lists_the_solutions_folder(capsys: pytest.CaptureFixture):
+    assert run_notebooks.main(["--solutions", "--list"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert listed == sorted(path.stem for path in (ROOT / "solutions").glob("[0-9][0-9]_*.ipynb")) and listed

