@@ -273,7 +273,10 @@ class ReadAt:
 def read_at(batches: Batches, position: str) -> Batches:
     """The same batches, read at ``position`` (one of ``READ_POSITIONS``) by the model."""
     read_lengths(position, torch.ones(1, dtype=torch.long), 1)  # an unknown position fails here, not mid-training
-    return Batches(batches.loader, ReadAt(batches.forward, position, batches.cached), batches.cached)
+    if batches.packed and position != "last-real-token":
+        raise ValueError(f"reading at {position!r} needs padded batches: build them with pack=False "
+                         "(a packed batch has no first token or last position per text).")
+    return Batches(batches.loader, ReadAt(batches.forward, position, batches.cached), batches.cached, batches.packed)
 
 
 def rebatch(batches: Batches, indices: Sequence[int] | None = None, *, shuffle: bool = False,

@@ -227,7 +227,9 @@ def run_configuration(args: argparse.Namespace) -> dict:
     # real pad tokens, which the cache does not keep.
     cache = not (args.position == "last-position" and args.padding == "batch-max")
     start = time.perf_counter()
-    batches = fastpath.split_batches(model, datasets, batch_size=args.batch_size, cache=cache, seed=args.seed)
+    # Padded batches (pack=False): every position is one text's, and the shipped rows were measured this way.
+    batches = fastpath.split_batches(model, datasets, batch_size=args.batch_size, cache=cache, seed=args.seed,
+                                     pack=False)
     batches = {name: fastpath.read_at(split, args.position) for name, split in batches.items()}
     cache_seconds = time.perf_counter() - start if batches["train"].cached else 0.0
     cfg = train.TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,

@@ -13,8 +13,7 @@ SOLUTIONS = ROOT / "solutions"
 BULLET = re.compile(r"^- \*\*(\d+)\. \((easy|medium|hard)\)\*\* (\S.*) — \*Hint:\* (\S.*)$")
 SOLUTION_LINK = re.compile(r"\(\.\./solutions/(\d\d_\w+\.ipynb)\)")
 # Notebooks written on other branches of issue 12, which add their own exercises and solutions when they merge.
-PENDING = {"09": "notebook 09's exercises come with the experiments branch (issue 12)",
-           "10": "notebook 10's exercises come with the instruction fine-tuning branch (issue 12)",
+PENDING = {"10": "notebook 10's exercises come with the instruction fine-tuning branch (issue 12)",
            "11": "notebook 11's exercises come with the instruction fine-tuning branch (issue 12)"}
 
 

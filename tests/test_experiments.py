@@ -57,7 +57,7 @@ def full_forward(model, dataset, pad_to=None) -> torch.Tensor:
 
 @pytest.mark.parametrize("cache", [False, True])
 def test_reading_the_first_token_equals_position_0_of_the_full_forward(model, dataset, cache):
-    batches = fastpath.read_at(fastpath.make_batches(model, dataset, batch_size=8, cache=cache, progress=False),
+    batches = fastpath.read_at(fastpath.make_batches(model, dataset, batch_size=8, cache=cache, pack=False, progress=False),
                                "first")
     assert batches.cached == cache
     torch.testing.assert_close(logits_of(model, batches), full_forward(model, dataset)[:, 0], atol=1e-5, rtol=0)
@@ -68,19 +68,19 @@ def test_last_position_with_fixed_padding_reads_after_the_padding(model, dataset
     padded = data.pad_every_text(dataset, 20)
     assert {len(ids) for ids in padded.encoded} == {20} and padded.labels == dataset.labels
     assert dataset.encoded[2] == model.tokenizer.encode("Hi")  # the original is left as it was
-    batches = fastpath.read_at(fastpath.make_batches(model, padded, batch_size=3, cache=cache, progress=False),
+    batches = fastpath.read_at(fastpath.make_batches(model, padded, batch_size=3, cache=cache, pack=False, progress=False),
                                "last-position")
     expected = full_forward(model, dataset, pad_to=20)[:, -1]
     torch.testing.assert_close(logits_of(model, batches), expected, atol=1e-5, rtol=0)
-    last_real = logits_of(model, fastpath.make_batches(model, dataset, batch_size=3, progress=False))
+    last_real = logits_of(model, fastpath.make_batches(model, dataset, batch_size=3, pack=False, progress=False))
     assert not torch.allclose(logits_of(model, batches), last_real, atol=1e-3)  # the padding does change the answer
 
 
 def test_last_position_after_batch_max_padding_and_its_limits(model, dataset):
-    tokens = fastpath.read_at(fastpath.make_batches(model, dataset, batch_size=8, cache=False, progress=False),
+    tokens = fastpath.read_at(fastpath.make_batches(model, dataset, batch_size=8, cache=False, pack=False, progress=False),
                               "last-position")
     torch.testing.assert_close(logits_of(model, tokens), full_forward(model, dataset)[:, -1], atol=1e-5, rtol=0)
-    cached = fastpath.read_at(fastpath.make_batches(model, dataset, batch_size=8, progress=False), "last-position")
+    cached = fastpath.read_at(fastpath.make_batches(model, dataset, batch_size=8, pack=False, progress=False), "last-position")
     with pytest.raises(ValueError, match="needs every text padded to one length"):
         logits_of(model, cached)  # the cache pads with zeros, which are not pad tokens
     with pytest.raises(ValueError, match="position must be one of"):
@@ -88,7 +88,7 @@ def test_last_position_after_batch_max_padding_and_its_limits(model, dataset):
 
 
 def test_last_real_token_is_unchanged(model, dataset):
-    batches = fastpath.make_batches(model, dataset, batch_size=8, progress=False)
+    batches = fastpath.make_batches(model, dataset, batch_size=8, pack=False, progress=False)
     torch.testing.assert_close(logits_of(model, fastpath.read_at(batches, "last-real-token")),
                                logits_of(model, batches), atol=0, rtol=0)
 
@@ -217,3 +217,10 @@ def test_shipped_rows_are_named_after_their_commands():
         for row in csv.DictReader(path.open(encoding="utf-8")):
             argv = shlex.split(row["command"])[2:]
             assert row["name"] == names_of(argv), f"{table}: {row['name']!r} does not match {row['command']!r}"
+
+
+def test_reading_elsewhere_refuses_packed_batches(model, dataset):
+    packed = fastpath.make_batches(model, dataset, batch_size=8, cache=False, progress=False)  # packed by default
+    assert fastpath.read_at(packed, "last-real-token").packed
+    with pytest.raises(ValueError, match="pack=False"):
+        fastpath.read_at(packed, "first")
