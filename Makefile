@@ -52,6 +52,7 @@ benchmark: $(STAMP)
 ##                    records its time; rows already measured at this commit are skipped, so it resumes)
 experiments: $(STAMP)
 	$(BIN)/python scripts/experiments.py --run-list results/experiments.txt
+	$(BIN)/python scripts/experiments_table.py
 
 clean-outputs:
 	rm -rf outputs

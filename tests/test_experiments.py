@@ -224,3 +224,13 @@ def test_reading_elsewhere_refuses_packed_batches(model, dataset):
     assert fastpath.read_at(packed, "last-real-token").packed
     with pytest.raises(ValueError, match="pack=False"):
         fastpath.read_at(packed, "first")
+
+
+def test_readme_experiments_table_is_written_from_the_shipped_csv():
+    """README's table is `scripts/experiments_table.py`'s output for the CSV in the repo (rerun it after new rows)."""
+    experiments_table = runpy.run_path(str(ROOT / "scripts" / "experiments_table.py"))
+    start, end = experiments_table["START"], experiments_table["END"]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    shown = readme.split(start, 1)[1].split(end, 1)[0]
+    assert shown == experiments_table["section"](ROOT / "results" / "experiments.csv", ROOT / "results" / "experiments.txt"), (
+        "README's experiments table is out of date: run python scripts/experiments_table.py")
