@@ -23,16 +23,28 @@ QUIET_LOAD = 2.5  # 5-minute load average on 2 CPUs below which nothing else com
 def markdown_table(rows: pd.DataFrame, title: str) -> str:
     """One row per configuration (the latest run of a name), ranked by validation accuracy."""
     rows = rows.drop_duplicates("name", keep="last").sort_values("val_acc", ascending=False, kind="stable")
-    lines = [f"| {title} | trainable params | train | validation | test | minutes (cache + training) | "
-             "load avg (5 min, 2 CPUs) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| {title} | trainable params | train | validation | test | minutes (cache + training) | threads | "
+             "load avg (5 min, 2 CPUs) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['name']} | {int(r['trainable_params']):,} | {r['train_acc']:.1%} | **{r['val_acc']:.1%}** | "
-              f"{r['test_acc']:.1%} | {r['train_seconds'] / 60:.1f} | {r['load_avg_5min']} |"
+              f"{r['test_acc']:.1%} | {r['train_seconds'] / 60:.1f} | {threads(r['device'])} | {r['load_avg_5min']} |"
               for _, r in rows.iterrows()]
     return "\n".join(lines)
 
 
+def threads(device: str) -> str:
+    """``cpu (2 threads, x86_64)`` -> ``2``."""
+    match = re.search(r"(\d+) threads?", str(device))
+    return match.group(1) if match else ""
+
+
+def without_threads(command: str) -> str:
+    """The command without its ``--threads N`` (the thread count changes the time, not the result)."""
+    return re.sub(r" --threads \d+", "", command)
+
+
 def reproducibility(rows: pd.DataFrame) -> list[str]:
-    """A sentence for every command measured more than once."""
+    """A sentence for every command (whatever its thread count) measured more than once."""
+    rows = rows.assign(command=rows["command"].map(without_threads))
     return [f"Reproducibility: `{command}` ran {len(runs)} times: validation "
             + " / ".join(f"{a:.1%}" for a in runs["val_acc"]) + ", test "
             + " / ".join(f"{a:.1%}" for a in runs["test_acc"]) + "."
