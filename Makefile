@@ -44,7 +44,7 @@ images: $(STAMP)
 screenshot: $(STAMP)
 	$(BIN)/python -m pytest -q -rs tests/test_jupyterlab_browser.py --lab-screenshot images/jupyterlab_classifier.png
 
-## make benchmark — full-recipe speed comparison (add ARGS=--quick for a ~5 minute estimate)
+## make benchmark — full-recipe speed comparison (add ARGS=--quick for a ~3 minute estimate)
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/finetune_speed.py $(ARGS)
 
