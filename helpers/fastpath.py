@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from helpers.data import SpamDataset, collate, collate_packed
 from helpers.models.base import (
     last_token_logits, logits_from_hidden, model_device, packed_last_token_logits, packed_logits_from_hidden,
+    evaluating, run_blocks,
 )
 
 Forward = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, inputs, lengths) -> logits [B, C]
@@ -134,23 +135,19 @@ def cache_hidden(model: nn.Module, dataset: SpamDataset, n_blocks: int, batch_si
     training uses autocast: the cache is computed once, and its rounding would stay in every epoch. Results are
     stored unpadded (on ``cache_device``), in the dataset's order, so training order and results are unaffected.
     """
-    was_training = model.training
-    model.eval()
     device = model_device(model)
     reference = model.tok_emb.weight
     store = cache_device(device, sum(map(len, dataset.encoded)) * model.cfg.emb_dim * reference.element_size())
     order = sorted(range(len(dataset)), key=lambda i: len(dataset.encoded[i]))
     hidden: list[torch.Tensor | None] = [None] * len(dataset)
-    for start in tqdm(range(0, len(order), batch_size), desc="caching frozen blocks", disable=not progress,
-                      leave=False):
-        chunk = order[start: start + batch_size]
-        ids, lengths, _ = collate([dataset[i] for i in chunk], dataset.pad_id)
-        x = model.embed(ids.to(device))  # [b, T, D]
-        for block in model.blocks[:n_blocks]:
-            x = block(x)
-        for row, i in enumerate(chunk):
-            hidden[i] = x[row, : lengths[row]].to(store, copy=True)  # [length, D], a copy: not a view of x
-    model.train(was_training)
+    with evaluating(model):
+        for start in tqdm(range(0, len(order), batch_size), desc="caching frozen blocks", disable=not progress,
+                          leave=False):
+            chunk = order[start: start + batch_size]
+            ids, lengths, _ = collate([dataset[i] for i in chunk], dataset.pad_id)
+            x = run_blocks(model, ids.to(device), 0, n_blocks)  # [b, T, D]
+            for row, i in enumerate(chunk):
+                hidden[i] = x[row, : lengths[row]].to(store, copy=True)  # [length, D], a copy: not a view of x
     return hidden  # type: ignore[return-value]
 
 

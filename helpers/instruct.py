@@ -50,7 +50,7 @@ from helpers.instruct_data import (IGNORE_INDEX, SMS_ANSWERS, SYSTEM_PROMPT, Exa
                                    format_chatml, length_grouped_batches, special_token_id, user_message)
 from helpers.lora import apply_lora
 from helpers.models import load_model
-from helpers.models.base import CausalLM, Packing, generate, model_device
+from helpers.models.base import CausalLM, Packing, evaluating, generate, model_device, run_blocks
 from helpers.models.smollm2 import SmolLM2
 from helpers.train import History, TrainConfig, restore_trainable, trainable_state
 
@@ -150,14 +150,8 @@ def forward_targets(model: CausalLM, x: torch.Tensor, targets: torch.Tensor, fir
     block-diagonal causal mask keeps each text to itself). Every block runs at every position (later positions
     need the earlier ones' keys and values); the final norm and the output head only where there is a target.
     """
-    positions = mask = None
-    if lengths is not None:
-        packing = Packing.of(lengths, x.device)
-        packing.check(x)
-        positions, mask = packing.positions, packing  # attention reads the Packing: no N x N mask
-    h = model.embed(x, positions) if first_block == 0 else x  # [B, T, D]
-    for block in model.blocks[first_block:]:
-        h = block(h, positions, mask)
+    packing = None if lengths is None else Packing.of(lengths, x.device)  # attention reads it: no N x N mask
+    h = run_blocks(model, x, first_block, packing=packing)  # [B, T, D]
     keep = targets != IGNORE_INDEX  # [B, T]
     return model.out_head(model.final_norm(h[keep])), targets[keep]  # [N, V], [N]
 
@@ -276,23 +270,16 @@ def cache_inputs(model: CausalLM, inputs: Sequence[Sequence[int]], n_blocks: int
     Examples go in length-sorted batches, each packed into one row (``Packing``: no padding, each example
     attends to itself only, so it gets the outputs it would get alone). Kept in CPU memory.
     """
-    was_training = model.training
-    model.eval()
     device = model_device(model)
     hidden: list[torch.Tensor | None] = [None] * len(inputs)
     order = length_grouped_batches([len(i) for i in inputs], batch_size, shuffle=False)
-    try:
+    with evaluating(model):
         for chunk in tqdm(order, desc="caching frozen blocks", disable=not progress, leave=False):
             lengths = [len(inputs[i]) for i in chunk]
-            packing = Packing.of(lengths, device)
-            x = model.embed(torch.tensor([t for i in chunk for t in inputs[i]], device=device)[None],
-                            packing.positions)  # [1, N, D]
-            for block in model.blocks[:n_blocks]:
-                x = block(x, packing.positions, packing)
+            ids = torch.tensor([t for i in chunk for t in inputs[i]], device=device)[None]  # [1, N]
+            x = run_blocks(model, ids, 0, n_blocks, Packing.of(lengths, device))  # [1, N, D]
             for i, h in zip(chunk, x[0].split(lengths)):
                 hidden[i] = h.cpu().clone()  # [length, D], a copy: not a view of the packed row
-    finally:
-        model.train(was_training)
     return hidden  # type: ignore[return-value]
 
 
@@ -311,13 +298,11 @@ def response_loss(model: CausalLM, batches: InstructBatches, num_batches: int | 
 
     Every token counts once (long answers weigh more than short ones). ``math.exp`` of it is the perplexity.
     """
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for _, batch in zip(range(num_batches or len(batches)), batches):
-        total += float(batch_loss(model, batches, batch, reduction="sum"))
-        count += int((batch[2] != IGNORE_INDEX).sum())
-    model.train(was_training)
+    with evaluating(model):
+        for _, batch in zip(range(num_batches or len(batches)), batches):
+            total += float(batch_loss(model, batches, batch, reduction="sum"))
+            count += int((batch[2] != IGNORE_INDEX).sum())
     return total / count if count else float("nan")
 
 
@@ -328,18 +313,16 @@ def reference_match(model: CausalLM, batches: InstructBatches) -> float:
     That is exactly when greedy decoding writes the reference answer token for token (and then its stop
     token), so it scores greedy exact match from one forward pass, without generating.
     """
-    was_training = model.training
-    model.eval()
     right = total = 0
-    for batch in batches:
-        x, lengths, targets = (t.to(model_device(model)) for t in batch)
-        logits, wanted = batches.forward(model, x, lengths, targets)
-        rows = batches.example_of_targets(lengths, targets)  # the example of each target
-        wrong = torch.zeros(len(lengths), dtype=torch.bool, device=targets.device)
-        wrong[rows[logits.argmax(-1) != wanted]] = True
-        right += int((~wrong).sum())
-        total += len(lengths)
-    model.train(was_training)
+    with evaluating(model):
+        for batch in batches:
+            x, lengths, targets = (t.to(model_device(model)) for t in batch)
+            logits, wanted = batches.forward(model, x, lengths, targets)
+            rows = batches.example_of_targets(lengths, targets)  # the example of each target
+            wrong = torch.zeros(len(lengths), dtype=torch.bool, device=targets.device)
+            wrong[rows[logits.argmax(-1) != wanted]] = True
+            right += int((~wrong).sum())
+            total += len(lengths)
     return right / total if total else float("nan")
 
 

@@ -12,7 +12,8 @@ from agreement import assert_close, assert_packed_equals_padded, lora_classifier
 from helpers.data import collate_packed
 from helpers.instruct_data import IGNORE_INDEX, collate_instructions, instruction_loader, prompt_and_targets
 from helpers.models import gpt2, smollm2
-from helpers.models.base import Packing, add_classifier_head, attend, packed_hidden, packed_last_token_logits
+from helpers.models.base import (Packing, add_classifier_head, attend, evaluating, packed_hidden,
+                                 packed_last_token_logits)
 from helpers.train import packed_next_token_loss
 
 TINY_GPT2 = gpt2.GPT2Config(vocab_size=300, context_length=64, emb_dim=32, n_heads=2, n_layers=3)
@@ -42,6 +43,18 @@ def test_packing_layout():
     torch.testing.assert_close(attend(q, k, v, packing), attend(q, k, v, packing.mask))  # per text = dense mask
     with pytest.raises(ValueError, match="one length >= 1 per text"):
         Packing.of([2, 0])
+
+
+def test_evaluating_restores_the_mode_even_after_an_error():
+    model = tiny("gpt2").train()
+    with pytest.raises(RuntimeError, match="inside"):
+        with evaluating(model):
+            assert not model.training and not model.blocks[0].training
+            raise RuntimeError("inside")
+    assert model.training and model.blocks[0].training
+    with evaluating(model.eval()):
+        pass
+    assert not model.training
 
 
 def test_collate_packed_for_labels_and_for_token_targets():
@@ -75,6 +88,8 @@ def test_packed_hidden_states_equal_each_text_alone(kind):
     with torch.no_grad():  # from the output of block 0 (a frozen-prefix cache) on
         x = model.blocks[0](model.embed(ids, packing.positions), packing.positions, packing.mask)
         assert_close(packed_hidden(model, x, lengths, first_block=1)[0], alone, "hidden states from block 1")
+    with pytest.raises(ValueError, match="Token ids enter at block 0, not 1"):
+        packed_hidden(model, ids, lengths, first_block=1)  # ids where block 1's input belongs
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "smollm2"])

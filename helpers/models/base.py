@@ -182,6 +182,38 @@ def visible_from_last(index: torch.Tensor, width: int, attn_mask: Mask) -> torch
     return attn_mask.rows(index)
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """Eval mode (no dropout) inside the ``with``; afterwards the model's previous mode, even after an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def run_blocks(model: nn.Module, x: torch.Tensor, first_block: int = 0, last_block: int | None = None,
+               packing: Packing | None = None) -> torch.Tensor:
+    """Blocks ``first_block`` up to ``last_block`` (exclusive; None: to the end) on ``x`` -> [R, T, D].
+
+    ``x`` is token ids [R, T] (embedded first; only with ``first_block=0``) or the hidden states [R, T, D] that
+    enter block ``first_block`` (e.g. a frozen-prefix cache). With ``packing``, ``x`` is one packed row: positions
+    restart at every text and each text attends to itself only (notebook 07). No final norm.
+    """
+    positions = None
+    if packing is not None:
+        packing.check(x)
+        positions = packing.positions
+    if x.ndim == 2:
+        if first_block:
+            raise ValueError(f"Token ids enter at block 0, not {first_block}: pass the hidden states that enter it.")
+        x = model.embed(x, positions)
+    for block in model.blocks[first_block:last_block]:
+        x = block(x, positions, packing)
+    return x
+
+
 # ----------------------------------------------------------------------------- checks every loader runs
 def check_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise ``CheckpointError`` if any floating-point tensor holds NaN or inf (a model would answer NaN)."""
@@ -416,11 +448,11 @@ def _check_lengths(lengths: torch.Tensor | Sequence[int], batch: int, width: int
 
 
 def _logits_at(model: nn.Module, x: torch.Tensor, index: torch.Tensor, first_block: int,
-               positions: torch.Tensor | None = None, attn_mask: Mask = None) -> torch.Tensor:
+               packing: Packing | None = None) -> torch.Tensor:
     """Blocks ``first_block``.. on ``x``, the last one only at ``index`` (``block.forward_last``) -> logits [B, C]."""
-    for block in model.blocks[first_block:-1]:
-        x = block(x, positions, attn_mask)
-    x = model.blocks[-1].forward_last(x, index, positions, attn_mask)  # [B, D]
+    x = run_blocks(model, x, first_block, -1, packing)
+    positions = None if packing is None else packing.positions
+    x = model.blocks[-1].forward_last(x, index, positions, packing)  # [B, D]
     return model.out_head(model.final_norm(x))
 
 
@@ -459,12 +491,7 @@ def packed_hidden(model: nn.Module, inputs: torch.Tensor, lengths: torch.Tensor 
     each text's targets, concatenated, are the targets of the row. ``model.out_head`` of the result gives the
     logits (apply it at the target positions only: the vocabulary is large).
     """
-    packing = Packing.of(lengths, inputs.device)
-    packing.check(inputs)
-    x = model.embed(inputs, packing.positions) if inputs.ndim == 2 else inputs
-    for block in model.blocks[first_block:]:
-        x = block(x, packing.positions, packing)
-    return model.final_norm(x)
+    return model.final_norm(run_blocks(model, inputs, first_block, packing=Packing.of(lengths, inputs.device)))
 
 
 def packed_logits_from_hidden(model: nn.Module, x: torch.Tensor, lengths: torch.Tensor | Sequence[int],
@@ -472,7 +499,7 @@ def packed_logits_from_hidden(model: nn.Module, x: torch.Tensor, lengths: torch.
     """``logits_from_hidden`` for a packed row ``x`` [1, N, D] of texts of ``lengths`` [B] -> logits [B, C]."""
     packing = Packing.of(lengths, x.device)
     packing.check(x)
-    return _logits_at(model, x, packing.ends, first_block, packing.positions, packing)
+    return _logits_at(model, x, packing.ends, first_block, packing)
 
 
 def packed_last_token_logits(model: nn.Module, ids: torch.Tensor, lengths: torch.Tensor | Sequence[int]
@@ -484,7 +511,7 @@ def packed_last_token_logits(model: nn.Module, ids: torch.Tensor, lengths: torch
     packing = Packing.of(lengths, ids.device)
     packing.check(ids)
     x = model.embed(ids, packing.positions)
-    return _logits_at(model, x, packing.ends, 0, packing.positions, packing)
+    return _logits_at(model, x, packing.ends, 0, packing)
 
 
 # ----------------------------------------------------------------------------- generation (notebooks 04, 10)
@@ -577,9 +604,7 @@ def generate(model: nn.Module, prompts: Prompts, max_new_tokens: int, *, tempera
     cache = [KVCache() for _ in model.blocks] if kv_cache else None
     stops = set(map(int, stop_ids))
     out: list[list[int]] = [[] for _ in rows]
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         step_ids, step_positions = ids, positions
         for _ in range(max_new_tokens):
             mask = _generation_mask(real, step_ids.shape[1])
@@ -596,8 +621,6 @@ def generate(model: nn.Module, prompts: Prompts, max_new_tokens: int, *, tempera
             positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
             real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)
             step_ids, step_positions = (ids[:, -1:], positions[:, -1:]) if kv_cache else (ids, positions)
-    finally:
-        model.train(was_training)
     if text:
         out = [model.tokenizer.decode(row[:-1] if row and row[-1] in stops else row) for row in out]
     return out[0] if single else out
