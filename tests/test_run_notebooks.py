@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import zlib
 from html.parser import HTMLParser
 from pathlib import Path
@@ -418,29 +419,37 @@ def test_tcp_fallback_filters_the_transport_warning(course: tuple[Path, Path]):
     assert not any("without encryption" in line for line in outcome.kernel_messages)
 
 
+def run_with_ctrl_c(source: Path, presses: list[tuple[str, float]]) -> tuple[int, str]:
+    """``make run`` on ``source`` in a subprocess, pressing Ctrl-C (SIGINT) ``delay`` seconds after the first log
+    line containing each ``(text, delay)``, in order; returns the exit status and the whole log."""
+    process = subprocess.Popen([sys.executable, str(SCRIPT), "--source", str(source)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(240, process.kill)
+    watchdog.start()
+    lines, waiting = [], list(presses)
+    try:
+        for line in process.stdout:  # log mode: a line when a section starts
+            lines.append(line)
+            if waiting[0][0] in line:
+                time.sleep(waiting.pop(0)[1])
+                process.send_signal(signal.SIGINT)
+                if not waiting:
+                    break
+        lines += process.stdout.readlines()
+        status = process.wait(timeout=120)
+    finally:
+        watchdog.cancel()
+        process.kill()
+    return status, "".join(lines)
+
+
 @pytest.mark.skipif(os.name == "nt", reason="sends SIGINT, a POSIX signal")
 def test_ctrl_c_stops_cleanly_and_saves_the_copy_up_to_that_cell(course: tuple[Path, Path]):
     source, output_dir = course
     write_notebook(source, "01_sleep", "# 01 · Sleep\n## Warm up", "print('hi')", "## Sleeping",
                    "import time\ntime.sleep(120)", "print('never')")
     write_notebook(source, "02_next", "# 02", "1 + 1")
-    process = subprocess.Popen([sys.executable, str(SCRIPT), "--source", str(source)], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    watchdog = threading.Timer(240, process.kill)
-    watchdog.start()
-    lines = []
-    try:
-        for line in process.stdout:  # log mode: a line when a section starts
-            lines.append(line)
-            if "cell 2/3 · Sleeping" in line:
-                process.send_signal(signal.SIGINT)
-                break
-        lines += process.stdout.readlines()
-        status = process.wait(timeout=120)
-    finally:
-        watchdog.cancel()
-        process.kill()
-    output = "".join(lines)
+    status, output = run_with_ctrl_c(source, [("cell 2/3 · Sleeping", 0)])
     assert status == run_notebooks.EXIT_INTERRUPTED, output
     assert "Interrupted: 01_sleep.ipynb stopped at cell 2/3 (Sleeping)" in output
     assert "The executed copy up to that cell is saved:" in output and "Traceback" not in output
@@ -451,6 +460,19 @@ def test_ctrl_c_stops_cleanly_and_saves_the_copy_up_to_that_cell(course: tuple[P
     assert code[2].outputs == [] and code[2].execution_count is None
     assert copy.metadata.course_run["status"] == "interrupted"
     assert not (output_dir / "notebooks" / "02_next.ipynb").exists()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="sends SIGINT, a POSIX signal")
+def test_a_second_ctrl_c_stops_a_kernel_that_ignores_the_first(course: tuple[Path, Path]):
+    source, output_dir = course
+    write_notebook(source, "01_stubborn", "# 01 · Stubborn", "## Ignoring Ctrl-C",
+                   "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(120)")
+    # the second Ctrl-C 4 s after the first: the first interrupt and its repeat reached a kernel that ignores them
+    status, output = run_with_ctrl_c(source, [("cell 1/1 · Ignoring Ctrl-C", 2), ("Press Ctrl-C again", 4)])
+    assert status == run_notebooks.EXIT_INTERRUPTED, output
+    assert "Interrupted: 01_stubborn.ipynb stopped at cell 1/1" in output and "Traceback" not in output
+    copy = nbformat.read(output_dir / "notebooks" / "01_stubborn.ipynb", as_version=4)
+    assert copy.metadata.course_run["status"] == "interrupted"
 
 
 @pytest.mark.slow

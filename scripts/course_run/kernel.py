@@ -4,7 +4,7 @@
   its own output (the kernel process's stdout/stderr) goes to a log that ``kernel_messages`` filters;
 * ``events`` hears which cell starts, every stream text and every tqdm bar update (tqdm draws its bars as
   ipywidgets; nbclient keeps their state, ``widgets.progress_bar_text`` turns it into a line);
-* Ctrl-C (KeyboardInterrupt in the main thread) interrupts the kernel, stops before the next cell and saves
+* Ctrl-C (recorded by a SIGINT handler while a notebook runs) interrupts the kernel, stops before the next cell and saves
   the executed copy up to that cell; a second Ctrl-C shuts the kernel down at once.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import asyncio
 import atexit
 import os
 import re
+import signal
 import tempfile
 import threading
 import time
@@ -208,23 +209,31 @@ def _wait(done: threading.Event, client: ObservedClient, loop: asyncio.AbstractE
     """Wait for the notebook, refreshing the progress line; turn Ctrl-C into a kernel interrupt.
 
     The interrupt is sent again every few seconds until the notebook stops: one that reaches the kernel
-    just before a cell starts is ignored. (An Event, not Thread.join: a join interrupted by Ctrl-C can
-    report a live thread as finished.)
+    just before a cell starts is ignored. Ctrl-C only records a press here: a KeyboardInterrupt raised inside
+    ``done.wait`` can leave the Event's lock held, and the notebook's thread then hangs in ``done.set()``.
+    (An Event, not Thread.join: a join interrupted by Ctrl-C can report a live thread as finished.)
     """
+    pressed: list[int] = []  # Ctrl-C presses not yet handled
+    main = threading.current_thread() is threading.main_thread()  # only there can a signal handler be set
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum)) if main else None
     presses, last_sent = 0, 0.0
-    while not done.is_set():
-        try:
+    try:
+        while not done.is_set():
             done.wait(0.5)
             events.tick()
+            if pressed:
+                new = len(pressed)
+                del pressed[:new]
+                presses += new
+                client.stop_requested = True
+                events.interrupting(presses)
+                last_sent = 0.0  # send it now
             if presses and time.monotonic() - last_sent >= INTERRUPT_AGAIN_S:
                 last_sent = time.monotonic()
                 _send(client.interrupt(now=presses > 1), loop)
-        except KeyboardInterrupt:
-            presses += 1
-            client.stop_requested = True
-            events.interrupting(presses)
-            last_sent = time.monotonic()
-            _send(client.interrupt(now=presses > 1), loop)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _send(coroutine: Any, loop: asyncio.AbstractEventLoop) -> None:
